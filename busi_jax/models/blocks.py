@@ -1,0 +1,411 @@
+"""Shared building blocks for the segmentation and classification models.
+
+All blocks are NHWC ``flax.linen`` modules. ``dtype`` is the compute dtype;
+parameters are always created in float32 (``param_dtype``) so that bfloat16
+compute never degrades the optimiser's master weights.
+
+References:
+  * Hu et al., "Squeeze-and-Excitation Networks", CVPR 2018 (SE).
+  * Roy, Navab & Wachinger, "Concurrent Spatial and Channel 'Squeeze &
+    Excitation' in Fully Convolutional Networks", MICCAI 2018 (sSE, scSE).
+  * Oktay et al., "Attention U-Net: Learning Where to Look for the Pancreas",
+    MIDL 2018 (additive attention gates).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+NORMS = ("batch", "group", "none")
+SE_MODES = ("none", "se", "sse", "scse")
+UPSAMPLE_MODES = ("transpose", "bilinear", "nearest", "resize")
+SCSE_COMBINE = ("add", "max")
+
+PARAM_DTYPE = jnp.float32
+
+# He (Kaiming) init: every conv is followed by a ReLU, and with norm='none'
+# the default LeCun init shrinks activations level by level in a deep U-Net.
+HE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+
+# BatchNorm settings shared by every model: PyTorch-like momentum so running
+# statistics settle within a few hundred steps on a small data set like BUSI.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raises ValueError if ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{option}={value!r} is not valid; choose one of {tuple(choices)}")
+
+
+def conv(
+    features: int,
+    kernel: int = 3,
+    *,
+    use_bias: bool = True,
+    dilation: int = 1,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """A 'SAME'-padded square convolution with He init and float32 params."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding="SAME",
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=PARAM_DTYPE,
+        kernel_init=HE_INIT,
+        name=name,
+    )
+
+
+def apply_norm(
+    kind: str,
+    x: jax.Array,
+    train: bool,
+    *,
+    groups: int = 8,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> jax.Array:
+    """Applies the configured normalisation layer.
+
+    Must be called from inside a parent module's compact method: the norm layer
+    is created as a child of that module under ``name``.
+
+    Args:
+      kind: 'batch', 'group' or 'none'.
+      x: ``[B, H, W, C]`` activations.
+      train: batch statistics (True) or running averages (False) for BatchNorm.
+      groups: upper bound on GroupNorm groups; the actual count is
+        ``gcd(C, groups)`` so that any width works.
+      dtype: compute dtype.
+      name: child module name.
+
+    Returns:
+      Normalised ``[B, H, W, C]`` activations.
+    """
+    check_choice("norm", kind, NORMS)
+    if kind == "batch":
+        return nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=dtype,
+            param_dtype=PARAM_DTYPE,
+            name=name,
+        )(x)
+    if kind == "group":
+        return nn.GroupNorm(
+            num_groups=math.gcd(x.shape[-1], groups),
+            epsilon=BN_EPSILON,
+            dtype=dtype,
+            param_dtype=PARAM_DTYPE,
+            name=name,
+        )(x)
+    return x
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel Squeeze-and-Excitation (Hu et al. 2018), a.k.a. cSE.
+
+    ``y = x * sigmoid(W2 relu(W1 mean_hw(x)))`` with ``W1: C -> max(1, C // r)``
+    and ``W2: max(1, C // r) -> C`` (both with bias), so the block has
+    ``2 * C * h + h + C`` parameters where ``h = max(1, C // r)``.
+
+    The per-channel gate ``[B, 1, 1, C]`` is sown to ``intermediates/gate``.
+
+    Attributes:
+      reduction: reduction ratio ``r``.
+      dtype: compute dtype.
+    """
+
+    reduction: int = 16
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Args: x ``[B, H, W, C]``. Returns: recalibrated ``[B, H, W, C]``."""
+        channels = x.shape[-1]
+        hidden = max(1, channels // self.reduction)
+        # The squeeze is a mean over many pixels: do it in float32 under bf16.
+        s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
+        s = nn.Dense(hidden, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="fc1")(s)
+        s = nn.relu(s)
+        s = nn.Dense(channels, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="fc2")(s)
+        gate = nn.sigmoid(s.astype(jnp.float32))
+        self.sow("intermediates", "gate", gate)
+        return x * gate.astype(x.dtype)
+
+
+class SpatialSE(nn.Module):
+    """Spatial squeeze, channel excitation (sSE, Roy et al. 2018).
+
+    ``y = x * sigmoid(conv1x1_{C->1}(x))``: ``C + 1`` parameters. The
+    ``[B, H, W, 1]`` gate is sown to ``intermediates/gate``.
+    """
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Args: x ``[B, H, W, C]``. Returns: recalibrated ``[B, H, W, C]``."""
+        q = conv(1, 1, use_bias=True, dtype=self.dtype, name="squeeze")(x)
+        gate = nn.sigmoid(q.astype(jnp.float32))
+        self.sow("intermediates", "gate", gate)
+        return x * gate.astype(x.dtype)
+
+
+class ChannelSpatialSE(nn.Module):
+    """Concurrent spatial and channel SE (scSE, Roy et al. 2018).
+
+    Runs cSE and sSE in parallel on the same input and combines them by
+    element-wise addition (the MICCAI 2018 paper) or max-out (the later
+    journal version's best variant).
+
+    Attributes:
+      reduction: cSE reduction ratio.
+      combine: 'add' or 'max'.
+      dtype: compute dtype.
+    """
+
+    reduction: int = 16
+    combine: str = "add"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Args: x ``[B, H, W, C]``. Returns: recalibrated ``[B, H, W, C]``."""
+        check_choice("combine", self.combine, SCSE_COMBINE)
+        c = SqueezeExcitation(self.reduction, dtype=self.dtype, name="cse")(x)
+        s = SpatialSE(dtype=self.dtype, name="sse")(x)
+        return c + s if self.combine == "add" else jnp.maximum(c, s)
+
+
+def recalibrate(
+    mode: str, x: jax.Array, *, reduction: int = 16, dtype: Dtype = jnp.float32, name: str = "se"
+) -> jax.Array:
+    """Applies the SE variant selected by ``mode`` ('none'|'se'|'sse'|'scse').
+
+    Must be called from inside a parent module's compact method.
+    """
+    check_choice("se", mode, SE_MODES)
+    if mode == "se":
+        return SqueezeExcitation(reduction, dtype=dtype, name=name)(x)
+    if mode == "sse":
+        return SpatialSE(dtype=dtype, name=name)(x)
+    if mode == "scse":
+        return ChannelSpatialSE(reduction, dtype=dtype, name=name)(x)
+    return x
+
+
+class ConvBlock(nn.Module):
+    """(conv3x3 -> norm -> ReLU) x 2, then optional SE recalibration.
+
+    Convs carry a bias only when ``norm='none'`` (a bias before a norm layer is
+    cancelled by its mean subtraction). Parameter count for ``C_in -> C``:
+    ``9*C_in*C + 9*C*C`` plus ``4*C`` for batch/group norm (scale and bias of
+    two norms) or ``2*C`` conv biases for ``norm='none'``, plus the SE block.
+
+    Attributes:
+      features: output channels ``C``.
+      norm: 'batch', 'group' or 'none'.
+      se: 'none', 'se', 'sse' or 'scse'.
+      se_reduction: SE reduction ratio.
+      norm_groups: upper bound on GroupNorm groups.
+      dtype: compute dtype.
+    """
+
+    features: int
+    norm: str = "batch"
+    se: str = "none"
+    se_reduction: int = 16
+    norm_groups: int = 8
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Args: x ``[B, H, W, C_in]``. Returns: ``[B, H, W, features]``."""
+        for i in range(2):
+            x = conv(
+                self.features, 3, use_bias=self.norm == "none", dtype=self.dtype, name=f"conv{i}"
+            )(x)
+            x = apply_norm(
+                self.norm, x, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
+            )
+            x = nn.relu(x)
+        return recalibrate(self.se, x, reduction=self.se_reduction, dtype=self.dtype, name="se")
+
+
+class DilatedBottleneck(nn.Module):
+    """Cascaded dilated convolutions whose outputs are summed (D-LinkNet style).
+
+    ``y_0 = x``, ``y_k = relu(norm(conv3x3_{dilation d_k}(y_{k-1})))``,
+    output ``sum_k y_k`` (k >= 1), then optional SE. With dilations (1, 2, 4)
+    the receptive field of the bottleneck grows by 14 pixels at that scale,
+    giving lesion-level context without another downsampling.
+
+    Attributes:
+      features: output channels.
+      dilations: dilation rate of each conv in the cascade.
+      norm, se, se_reduction, norm_groups, dtype: as in :class:`ConvBlock`.
+    """
+
+    features: int
+    dilations: Sequence[int] = (1, 2, 4)
+    norm: str = "batch"
+    se: str = "none"
+    se_reduction: int = 16
+    norm_groups: int = 8
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Args: x ``[B, H, W, C_in]``. Returns: ``[B, H, W, features]``."""
+        if not self.dilations:
+            raise ValueError("dilations must not be empty")
+        total = None
+        y = x
+        for i, d in enumerate(self.dilations):
+            y = conv(
+                self.features,
+                3,
+                use_bias=self.norm == "none",
+                dilation=int(d),
+                dtype=self.dtype,
+                name=f"conv{i}",
+            )(y)
+            y = apply_norm(
+                self.norm, y, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
+            )
+            y = nn.relu(y)
+            total = y if total is None else total + y
+        return recalibrate(self.se, total, reduction=self.se_reduction, dtype=self.dtype, name="se")
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate on a skip connection (Oktay et al. 2018).
+
+    ``alpha = sigmoid(psi(relu(W_x x + W_g g + b_g)) + b_psi)`` is computed at
+    the gating signal's (coarser) resolution -- ``W_x`` is a strided conv that
+    brings the skip ``x`` down to it -- then resized bilinearly to ``x``'s
+    resolution. Bilinear interpolation is a convex combination, so ``alpha``
+    stays in ``[0, 1]``. The gate returns ``x * alpha``.
+
+    The coefficients ``[B, H, W, 1]`` (float32) are sown to
+    ``intermediates/coefficients``; they are returned only when the caller
+    marks 'intermediates' mutable, at no cost otherwise.
+
+    Attributes:
+      inter_features: channels ``F_int`` of the joint embedding.
+      dtype: compute dtype.
+    """
+
+    inter_features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, g: jax.Array) -> jax.Array:
+        """Gates the skip features.
+
+        Args:
+          x: skip features ``[B, H, W, C_x]``.
+          g: gating signal ``[B, H/s, W/s, C_g]`` for an integer ``s >= 1``.
+
+        Returns:
+          ``[B, H, W, C_x]`` gated skip features.
+        """
+        b, h, w, _ = x.shape
+        gh, gw = g.shape[1:3]
+        if h % gh or w % gw:
+            raise ValueError(f"gating signal {g.shape} must divide skip resolution {x.shape}")
+        sh, sw = h // gh, w // gw
+        theta = nn.Conv(
+            self.inter_features,
+            (sh, sw),
+            strides=(sh, sw),
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=PARAM_DTYPE,
+            name="theta_x",
+        )(x)
+        phi = nn.Conv(
+            self.inter_features,
+            (1, 1),
+            use_bias=True,
+            dtype=self.dtype,
+            param_dtype=PARAM_DTYPE,
+            name="phi_g",
+        )(g)
+        f = nn.relu(theta + phi)
+        psi = nn.Conv(
+            1, (1, 1), use_bias=True, dtype=self.dtype, param_dtype=PARAM_DTYPE, name="psi"
+        )(f)
+        alpha = nn.sigmoid(psi.astype(jnp.float32))
+        if (sh, sw) != (1, 1):
+            alpha = jax.image.resize(alpha, (b, h, w, 1), method="bilinear")
+        self.sow("intermediates", "coefficients", alpha)
+        return x * alpha.astype(x.dtype)
+
+
+class UpSample(nn.Module):
+    """2x spatial upsampling followed by a channel projection.
+
+    'transpose': 2x2 stride-2 transposed conv (``4*C_in*C + C`` params).
+    'bilinear' / 'nearest': fixed resize then a 3x3 conv (``9*C_in*C + C``),
+    which avoids the checkerboard artefacts transposed convs can produce.
+    'resize' is an alias of 'bilinear'.
+
+    Attributes:
+      features: output channels ``C``.
+      mode: 'transpose', 'bilinear', 'nearest' or 'resize'.
+      dtype: compute dtype.
+    """
+
+    features: int
+    mode: str = "transpose"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Args: x ``[B, H, W, C_in]``. Returns: ``[B, 2H, 2W, features]``."""
+        check_choice("upsample", self.mode, UPSAMPLE_MODES)
+        if self.mode == "transpose":
+            return nn.ConvTranspose(
+                self.features,
+                (2, 2),
+                strides=(2, 2),
+                padding="VALID",
+                dtype=self.dtype,
+                param_dtype=PARAM_DTYPE,
+                kernel_init=HE_INIT,
+                name="deconv",
+            )(x)
+        b, h, w, c = x.shape
+        method = "bilinear" if self.mode == "resize" else self.mode
+        x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=method)
+        return conv(self.features, 3, use_bias=True, dtype=self.dtype, name="conv")(x)
+
+
+def max_pool2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2: ``[B, H, W, C] -> [B, H/2, W/2, C]``."""
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+def check_divisible(x: jax.Array, depth: int) -> None:
+    """Raises ValueError unless H and W are divisible by ``2**depth``."""
+    h, w = x.shape[1:3]
+    f = 2**depth
+    if h % f or w % f:
+        raise ValueError(f"input spatial size {(h, w)} must be divisible by 2**depth={f}")
