@@ -1,0 +1,126 @@
+"""Orbax checkpoints of a workdir: the latest full state plus the best k.
+
+Two managers, because they keep different things for different reasons:
+
+* ``checkpoints/latest``: the whole training state (parameters, optimizer
+    state, PRNG key) and the loop's bookkeeping (epoch, best metric, epochs
+    without progress), kept once. Rerunning an interrupted command resumes
+    from it.
+* ``checkpoints/best``: only what inference needs (parameters, BatchNorm
+    statistics, EMA parameters), kept for the ``keep_best`` best validation
+    scores.
+
+Orbax writes each step into a temporary folder and renames it when complete,
+so a save killed mid-way never replaces the previous checkpoint; leftover
+temporary folders are removed on the next start (``cleanup_tmp_directories``).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used with this config (the message says why)."""
+
+
+def _options(**kw) -> ocp.CheckpointManagerOptions:
+    # Synchronous saves: a save is on disk when `save` returns, which keeps
+    # kill-and-resume simple to reason about; a save takes well under a second
+    # at these model sizes.
+    return ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False, **kw
+    )
+
+
+def abstract(tree: Any) -> Any:
+    """The shape/dtype skeleton Orbax needs to restore ``tree`` faithfully."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+    """The latest and best-k checkpoints of one workdir.
+
+    Args:
+        workdir: the training workdir.
+        metric: name of the validation metric to rank best checkpoints by.
+        keep_best: how many best checkpoints to keep.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path, metric: str, keep_best: int = 2):
+        root = pathlib.Path(workdir) / "checkpoints"
+        self.metric = metric
+        self.latest = ocp.CheckpointManager(root / "latest", options=_options(max_to_keep=1))
+        self.best = ocp.CheckpointManager(
+            root / "best",
+            options=_options(
+                max_to_keep=keep_best,
+                best_fn=lambda m: m[metric],
+                best_mode="max",
+                keep_checkpoints_without_metrics=False,
+            ),
+        )
+
+    def save_latest(self, step: int, state: Any, meta: dict) -> None:
+        self.latest.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self.latest.wait_until_finished()
+
+    def save_best(self, step: int, weights: Any, meta: dict, metrics: dict) -> None:
+        self.best.save(
+            step,
+            args=ocp.args.Composite(
+                weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)
+            ),
+            metrics={k: float(v) for k, v in metrics.items()},
+            force=True,
+        )
+        self.best.wait_until_finished()
+
+    def restore_latest(self, state_like: Any) -> tuple[Any, dict] | None:
+        """Restores the latest full state into the structure of ``state_like``."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        out = _restore(self.latest, step, "state", state_like)
+        return out["state"], dict(out["meta"])
+
+    def best_step(self) -> int | None:
+        return self.best.best_step()
+
+    def restore_best(self, weights_like: Any) -> tuple[Any, dict]:
+        """Restores the best checkpoint's weights into the structure of ``weights_like``."""
+        step = self.best.best_step()
+        if step is None:
+            raise CheckpointError(f"{self.best.directory}: no best checkpoint (has training run?)")
+        out = _restore(self.best, step, "weights", weights_like)
+        return out["weights"], dict(out["meta"])
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def _restore(manager, step, key, like):
+    try:
+        return manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{key: ocp.args.StandardRestore(abstract(like)), "meta": ocp.args.JsonRestore()}
+            ),
+        )
+    except Exception as e:  # Orbax raises many types for a structure mismatch.
+        raise CheckpointError(
+            f"{manager.directory}/{step}: checkpoint does not fit this config's model"
+            f" ({type(e).__name__}: {str(e).splitlines()[0][:300]}). Was it written by"
+            " another model or config? Use a fresh --workdir."
+        ) from None

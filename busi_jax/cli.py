@@ -1,0 +1,86 @@
+"""What every command does around its work: one clear message for a user's mistake.
+
+A user's mistake (a bad file, a bad config value, a missing dataset, a
+checkpoint of another model) ends the command with exit status 1 and one line
+naming the file or field, not a traceback. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from busi_jax import checkpoints
+from busi_jax import data
+from busi_jax import io
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from busi_jax import train
+
+    return (
+        io.BusiDataError,
+        data.DataConfigError,
+        train.ConfigError,
+        train.TrainingDiverged,
+        checkpoints.CheckpointError,
+    )
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """Turns a user's mistake into ``error: MESSAGE`` on stderr and exit status 1."""
+    try:
+        yield
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that reports a bad ``--config.FIELD`` in one line.
+
+    Pass as ``app.run(main, flags_parser=parse_flags)``.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises these for an unknown field or a value of the
+        # wrong type in --config.FIELD=VALUE.
+        overrides = [a for a in argv[1:] if a.startswith("--config.")]
+        name = str(e).strip("'\"")
+        bad = [a for a in overrides if f".{name}=" in a or f".{name}." in a] or overrides
+        print(
+            f"error: bad config override {' '.join(bad)}: no such field or bad value ({e})",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def run(config, workdir: str) -> dict:
+    """Runs the job named by ``config.task`` (what ``launch.py`` calls)."""
+    from absl import logging
+
+    from busi_jax import train
+
+    # Orbax logs every save and restore at INFO; the progress bar and the
+    # per-epoch lines say what a user needs.
+    logging.set_verbosity(logging.WARNING)
+    try:
+        task = config.task  # The config file is loaded lazily, here.
+    except (OSError, SyntaxError, ImportError) as e:
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"error: --config: {msg}", file=sys.stderr)
+        sys.exit(1)
+    with exit_on_user_error():
+        if task == "pipeline":
+            from busi_jax import pipeline
+
+            return pipeline.run(config, workdir)
+        return train.train_and_evaluate(config, workdir)

@@ -1,0 +1,86 @@
+"""Loading trained models from a workdir as pure jitted functions."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from busi_jax import checkpoints as ckpt_lib
+from busi_jax import models as models_lib
+
+
+def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The resolved config a training run wrote into its workdir.
+
+    Raises:
+        ckpt_lib.CheckpointError: no ``config.json`` there.
+    """
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise ckpt_lib.CheckpointError(f"{path}: missing; is {workdir} a training workdir?")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_model(workdir: str | pathlib.Path):
+    """Restores the best checkpoint of a training workdir.
+
+    Returns:
+        ``(config, model, variables)``.
+    """
+    config = load_config(workdir)
+    model = models_lib.create_model(config.model)
+    size = int(config.data.image_size)
+    channels = 1
+    if config.task == "classification":
+        channels = models_lib.classifier_input_channels(config.classifier.input_mode)
+    like = model.init(
+        {"params": jax.random.key(0, impl="rbg"), "dropout": jax.random.key(0, impl="rbg")},
+        jnp.zeros((1, size, size, channels), jnp.float32),
+        train=False,
+    )
+    like = {"params": like["params"], "batch_stats": like.get("batch_stats", {})}
+    ckpts = ckpt_lib.Checkpoints(workdir, "unused")
+    try:
+        variables, _ = ckpts.restore_best(like)
+    finally:
+        ckpts.close()
+    return config, model, variables
+
+
+def mask_predictor(
+    workdir: str | pathlib.Path, batch_size: int = 32
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``images [N, S, S, 1] uint8 -> masks [N, S, S, 1] uint8 {0, 1}``.
+
+    Uses the segmenter's (or multitask net's) best checkpoint and its training
+    threshold.
+    """
+    config, model, variables = load_model(workdir)
+    threshold = float(config.get("threshold", 0.5))
+
+    @jax.jit
+    def prob(images):
+        out = model.apply(variables, images.astype(jnp.float32) / 255.0, train=False)
+        if isinstance(out, tuple):  # Multitask: (segmentation, classification).
+            out = out[0]
+        if out.ndim == 5:
+            out = out.mean(axis=0)
+        return jax.nn.sigmoid(out.astype(jnp.float32))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pad = batch_size - len(chunk)
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
+            out.append(np.asarray(prob(padded))[: len(chunk)])
+        p = np.concatenate(out) if out else np.zeros(images.shape, np.float32)
+        return (p >= threshold).astype(np.uint8)
+
+    return predict

@@ -1,0 +1,768 @@
+"""Training: ``train_and_evaluate(config, workdir)`` for every task.
+
+The loop is task-agnostic. A :class:`Task` bundles the pure functions that
+differ between segmentation, classification and multitask training (model,
+loss, inputs, evaluation outputs); swap a model or a loss by passing another
+``Task`` (or ``model=`` / ``loss_fn=``) rather than editing the loop.
+
+Data live in device memory for the whole run: each step gathers its batch by
+index inside the jitted step, augments it there, and shards it over the
+``data`` axis of a device mesh (one device on a laptop, all local devices
+otherwise; GSPMD inserts the gradient all-reduce).
+
+Workdir layout: ``config.json`` (written first), ``checkpoints/latest`` and
+``checkpoints/best`` (see :mod:`busi_jax.checkpoints`), ``metrics.jsonl`` (one
+line per epoch), ``tensorboard/`` and, at the end, ``final_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from busi_jax import augment as augment_lib
+from busi_jax import checkpoints as ckpt_lib
+from busi_jax import data as data_lib
+from busi_jax import io as busi_io
+from busi_jax import losses
+from busi_jax import metrics as metrics_lib
+from busi_jax import models as models_lib
+
+LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
+PRNG_IMPL = "rbg"
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# --- State -----------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes.
+
+    Attributes:
+        step: number of optimizer updates so far.
+        params: model parameters (float32).
+        batch_stats: BatchNorm running statistics (empty dict without BatchNorm).
+        opt_state: Optax state.
+        ema_params: exponential moving average of ``params`` (equal to them when
+            ``ema_decay`` is 0).
+        rng: PRNG key, split once per step for augmentation and dropout.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+
+
+def inference_weights(state: TrainState, use_ema: bool) -> dict:
+    """The variables used for evaluation and saved as 'best'."""
+    return {
+        "params": state.ema_params if use_ema else state.params,
+        "batch_stats": state.batch_stats,
+    }
+
+
+# --- Tasks -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """The pure functions that make the loop a segmentation, classification or multitask loop.
+
+    Attributes:
+        kind: 'segmentation', 'classification' or 'multitask'.
+        model: a Flax module.
+        inputs: ``batch -> model input [B, H, W, C]``.
+        loss_fn: ``(model outputs, batch) -> scalar``.
+        outputs: ``(model outputs at train=False) -> dict`` of per-sample
+            predictions: ``mask_prob [B, H, W, 1]`` and/or ``cls_prob [B]`` or
+            ``[B, C]``.
+        metric: the validation metric that ranks checkpoints ('lesion_dice' or 'auc').
+    """
+
+    kind: str
+    model: nn.Module
+    inputs: Callable[[Mapping[str, jax.Array]], jax.Array]
+    loss_fn: LossFn
+    outputs: Callable[[Any], dict]
+    metric: str
+
+
+def segmentation_loss(config: ml_collections.ConfigDict) -> Callable:
+    """The pixel loss named by ``config.loss``, wrapped for deep supervision."""
+    name = config.loss
+    if name == "dice":
+        fn = losses.dice_loss
+    elif name == "dice_bce":
+        fn = functools.partial(losses.dice_bce_loss, bce_weight=config.bce_weight)
+    elif name == "bce":
+        fn = losses.bce_loss
+    else:
+        raise ConfigError(f"config.loss must be 'dice', 'dice_bce' or 'bce', got {name!r}")
+    return losses.deep_supervision(fn, config.get("ds_weights"))
+
+
+def _seg_prob(logits):
+    if logits.ndim == 5:  # Stacked deep-supervision heads: average the logits.
+        logits = logits.mean(axis=0)
+    return jax.nn.sigmoid(logits.astype(jnp.float32))
+
+
+def _cls_prob(logits):
+    logits = logits.astype(jnp.float32)
+    return jax.nn.sigmoid(logits) if logits.ndim == 1 else jax.nn.softmax(logits, -1)
+
+
+def make_task(
+    config: ml_collections.ConfigDict, model: nn.Module | None = None, loss_fn: LossFn | None = None
+) -> Task:
+    """Builds the :class:`Task` named by ``config.task``.
+
+    Args:
+        config: the experiment config.
+        model: overrides the model named by ``config.model``.
+        loss_fn: overrides the loss, as ``(model outputs, batch) -> scalar``.
+    """
+    model = model or models_lib.create_model(config.model)
+    kind = config.task
+    if kind == "segmentation":
+        pixel_loss = segmentation_loss(config)
+        return Task(
+            kind=kind,
+            model=model,
+            inputs=lambda b: b["image"],
+            loss_fn=loss_fn or (lambda out, b: pixel_loss(out, b["mask"])),
+            outputs=lambda out: {"mask_prob": _seg_prob(out)},
+            metric="lesion_dice",
+        )
+    if kind == "classification":
+        mode = config.classifier.input_mode
+        return Task(
+            kind=kind,
+            model=model,
+            inputs=lambda b: models_lib.classifier_inputs(b["image"], b["mask"], mode),
+            loss_fn=loss_fn or (lambda out, b: losses.classification_loss(out, b["target"])),
+            outputs=lambda out: {"cls_prob": _cls_prob(out)},
+            metric="auc" if config.model.get("num_classes", 1) == 1 else "accuracy",
+        )
+    if kind == "multitask":
+        pixel_loss = segmentation_loss(config)
+        cls_weight = config.get("cls_weight", 1.0)
+
+        def mt_loss(out, b):
+            seg, cls = out
+            # Normal scans have no lesion to call benign or malignant: they train
+            # the segmentation head only.
+            w = b["cls_weight"]
+            per = optax.sigmoid_binary_cross_entropy(
+                cls.astype(jnp.float32), b["target"].astype(jnp.float32)
+            )
+            cls_loss = jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+            return pixel_loss(seg, b["mask"]) + cls_weight * cls_loss
+
+        return Task(
+            kind=kind,
+            model=model,
+            inputs=lambda b: b["image"],
+            loss_fn=loss_fn or mt_loss,
+            outputs=lambda out: {"mask_prob": _seg_prob(out[0]), "cls_prob": _cls_prob(out[1])},
+            metric="lesion_dice",
+        )
+    raise ConfigError(
+        f"config.task must be 'segmentation', 'classification' or 'multitask', got {kind!r}"
+    )
+
+
+# --- Config checks -----------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`ConfigError` naming the first bad field."""
+
+    def need(cond, field, msg):
+        if not cond:
+            raise ConfigError(
+                f"config.{field}={config[field] if '.' not in field else _get(config, field)!r}: {msg}"
+            )
+
+    need(
+        isinstance(config.batch_size, int) and config.batch_size > 0,
+        "batch_size",
+        "must be a positive integer",
+    )
+    need(
+        isinstance(config.eval_batch_size, int) and config.eval_batch_size > 0,
+        "eval_batch_size",
+        "must be a positive integer",
+    )
+    need(
+        config.learning_rate > 0 and math.isfinite(config.learning_rate),
+        "learning_rate",
+        "must be a positive number",
+    )
+    need(
+        isinstance(config.num_epochs, int) and config.num_epochs > 0,
+        "num_epochs",
+        "must be a positive integer",
+    )
+    need(config.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
+    need(config.keep_best >= 1, "keep_best", "must be >= 1")
+    need(0 <= config.ema_decay < 1, "ema_decay", "must lie in [0, 1)")
+    need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(config.grad_clip >= 0, "grad_clip", "must be >= 0")
+    need(0 < config.threshold < 1, "threshold", "must lie in (0, 1)")
+    need(config.optimizer in ("adam", "adamw"), "optimizer", "must be 'adam' or 'adamw'")
+    need(
+        config.schedule in ("constant", "cosine", "onecycle"),
+        "schedule",
+        "must be 'constant', 'cosine' or 'onecycle'",
+    )
+    n_dev = jax.device_count()
+    need(config.batch_size % n_dev == 0, "batch_size", f"must be divisible by the {n_dev} devices")
+    try:
+        augment_lib.AugmentConfig.from_config(config.augment)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.augment: {e}") from None
+
+
+def _get(config, dotted):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+# --- Optimizer -------------------------------------------------------------
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """Adam(W) with the configured schedule and optional clipping."""
+    total = steps_per_epoch * config.num_epochs
+    lr = config.learning_rate
+    if config.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif config.schedule == "cosine":
+        warm = steps_per_epoch * config.warmup_epochs
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, lr, warm, max(total, warm + 1), end_value=lr * 0.01
+        )
+    else:
+        schedule = optax.cosine_onecycle_schedule(max(total, 1), lr)
+    if config.optimizer == "adam":
+        opt = optax.adam(schedule)
+    else:
+        opt = optax.adamw(schedule, weight_decay=config.weight_decay)
+    if config.grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(config.grad_clip), opt)
+    return opt
+
+
+# --- Steps -----------------------------------------------------------------
+
+
+def to_model_batch(raw: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """uint8 arrays to float32 model inputs: scans in [0, 1], masks in {0, 1}."""
+    out = dict(raw)
+    out["image"] = raw["image"].astype(jnp.float32) / 255.0
+    out["mask"] = raw["mask"].astype(jnp.float32)
+    return out
+
+
+def train_step(
+    state: TrainState,
+    raw_batch: Mapping[str, jax.Array],
+    *,
+    task: Task,
+    tx: optax.GradientTransformation,
+    aug_cfg: augment_lib.AugmentConfig,
+    ema_decay: float,
+) -> tuple[TrainState, dict]:
+    """One optimizer update on an augmented batch.
+
+    Args:
+        state: current state.
+        raw_batch: ``image``/``mask`` ``[B, H, W, 1]`` uint8 and per-sample
+            targets, straight from device memory.
+        task: model and loss.
+        tx: the optimizer.
+        aug_cfg: augmentation (static).
+        ema_decay: EMA decay (static); 0 copies the parameters.
+
+    Returns:
+        The new state and ``{'loss': scalar}``.
+    """
+    rng, aug_key, drop_key = jax.random.split(state.rng, 3)
+    batch = to_model_batch(raw_batch)
+    batch["image"], batch["mask"] = augment_lib.augment_batch(
+        aug_key, batch["image"], batch["mask"], aug_cfg
+    )
+
+    def loss_of(params):
+        variables = {"params": params, "batch_stats": state.batch_stats}
+        out, updates = task.model.apply(
+            variables,
+            task.inputs(batch),
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": drop_key},
+        )
+        return task.loss_fn(out, batch), updates.get("batch_stats", state.batch_stats)
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        ema_params=ema,
+        rng=rng,
+    )
+    return new_state, {"loss": loss}
+
+
+def eval_step(variables: dict, raw_batch: Mapping[str, jax.Array], *, task: Task) -> dict:
+    """Per-sample predictions of a batch at ``train=False``."""
+    batch = to_model_batch(raw_batch)
+    out = task.model.apply(variables, task.inputs(batch), train=False)
+    return task.outputs(out)
+
+
+# --- Data ------------------------------------------------------------------
+
+
+def _classification_view(arrays: dict, num_classes: int) -> dict:
+    """Targets for classification: benign (0) vs malignant (1), or 3 classes."""
+    out = dict(arrays)
+    if num_classes == 1:
+        keep = arrays["label"] > 0
+        out = {k: v[keep] for k, v in arrays.items()}
+        out["target"] = (out["label"] == 2).astype(np.int32)
+    else:
+        out["target"] = arrays["label"].astype(np.int32)
+    return out
+
+
+def _multitask_view(arrays: dict) -> dict:
+    out = dict(arrays)
+    out["target"] = (arrays["label"] == 2).astype(np.int32)
+    out["cls_weight"] = (arrays["label"] > 0).astype(np.float32)
+    return out
+
+
+def prepare_arrays(
+    config: ml_collections.ConfigDict,
+    split: str,
+    predicted_masks: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> dict:
+    """Loads a split and shapes it for ``config.task``.
+
+    Args:
+        config: experiment config.
+        split: TFDS split name.
+        predicted_masks: for classification with predicted masks, ``images
+            [N, H, W, 1] uint8 -> masks [N, H, W, 1] uint8``.
+
+    Returns:
+        Host arrays with at least ``image``, ``mask``, ``label``, ``file_name``.
+    """
+    arrays = data_lib.load_split(config.data, split)
+    if config.task == "classification":
+        arrays = _classification_view(arrays, config.model.get("num_classes", 1))
+        if config.classifier.mask_source == "predicted":
+            if predicted_masks is None:
+                raise ConfigError(
+                    "config.classifier.mask_source='predicted' needs"
+                    " config.classifier.segmenter_workdir (a trained segmenter's workdir)"
+                )
+            arrays["mask"] = predicted_masks(arrays["image"])
+        elif config.classifier.mask_source != "ground_truth":
+            raise ConfigError(
+                f"config.classifier.mask_source must be 'predicted' or 'ground_truth',"
+                f" got {config.classifier.mask_source!r}"
+            )
+    elif config.task == "multitask":
+        arrays = _multitask_view(arrays)
+    return arrays
+
+
+_DEVICE_KEYS = ("image", "mask", "label", "target", "cls_weight")
+
+
+def device_arrays(arrays: Mapping[str, np.ndarray], sharding) -> dict:
+    return {k: jax.device_put(arrays[k], sharding) for k in _DEVICE_KEYS if k in arrays}
+
+
+# --- Evaluation --------------------------------------------------------------
+
+
+def predict_arrays(
+    eval_fn, variables, arrays: Mapping[str, np.ndarray], batch_size: int, batch_sharding=None
+) -> dict[str, np.ndarray]:
+    """Runs ``eval_fn`` over host arrays in padded batches.
+
+    Returns:
+        Each output of the task, concatenated over samples (padding removed).
+    """
+    n = len(arrays["image"])
+    outs: dict[str, list] = {}
+    keys = [k for k in _DEVICE_KEYS if k in arrays]
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        pad = batch_size - len(idx)
+        idx_p = np.concatenate([idx, np.full(pad, idx[-1])]) if pad else idx
+        batch = {k: arrays[k][idx_p] for k in keys}
+        if batch_sharding is not None:
+            batch = jax.device_put(batch, batch_sharding)
+        for k, v in eval_fn(variables, batch).items():
+            outs.setdefault(k, []).append(np.asarray(v)[: len(idx)])
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def summarize(
+    task_kind: str,
+    preds: Mapping[str, np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+    threshold: float,
+) -> dict[str, float]:
+    """Validation metrics from predictions (see :mod:`busi_jax.metrics`)."""
+    out: dict[str, float] = {}
+    weight = np.ones(len(arrays["image"]), np.float32)
+    if "mask_prob" in preds:
+        seg = metrics_lib.SegmentationMetrics.from_batch(
+            preds["mask_prob"] >= threshold, arrays["mask"] > 0, weight
+        )
+        out.update(seg.compute())
+    if "cls_prob" in preds:
+        if task_kind == "multitask":
+            keep = arrays["cls_weight"] > 0
+            cls = metrics_lib.ClassificationMetrics.from_batch(
+                preds["cls_prob"][keep], arrays["target"][keep], weight[keep]
+            )
+        else:
+            cls = metrics_lib.ClassificationMetrics.from_batch(
+                preds["cls_prob"], arrays["target"], weight
+            )
+        out.update(cls.compute())
+    return out
+
+
+# --- Logging -----------------------------------------------------------------
+
+
+class _Logger:
+    """metrics.jsonl (rewritten whole on each epoch) and TensorBoard."""
+
+    def __init__(self, workdir: pathlib.Path, resume_epoch: int):
+        self.path = workdir / "metrics.jsonl"
+        self.lines: list[dict] = []
+        if self.path.exists():
+            # Lines written after the checkpoint we resume from are dropped: those
+            # epochs run again.
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("epoch", 0) <= resume_epoch:
+                        self.lines.append(rec)
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.tb.add_scalar(tag, value, step)
+
+    def epoch(self, record: dict) -> None:
+        self.lines.append(record)
+        busi_io.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.lines))
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("epoch", "step") and math.isfinite(v):
+                self.tb.add_scalar(
+                    f"{record['split']}/{k}" if k != "train_loss" else "train/loss_epoch",
+                    v,
+                    record["step"],
+                )
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+# --- The loop --------------------------------------------------------------
+
+
+def check_workdir(
+    workdir: str | os.PathLike[str], config: ml_collections.ConfigDict
+) -> pathlib.Path:
+    """Creates the workdir, checks it is writable and writes ``config.json``.
+
+    Raises:
+        ConfigError: the workdir holds a run of a different model, task or data.
+    """
+    workdir = pathlib.Path(workdir).expanduser()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: not writable ({e.strerror})") from None
+    cfg_path = workdir / "config.json"
+    new = json.loads(config.to_json_best_effort())
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        for field in ("task", "model", "data", "classifier"):
+            if old.get(field) != new.get(field):
+                raise ConfigError(
+                    f"--workdir {workdir} holds a run with a different config.{field}"
+                    f" ({json.dumps(old.get(field))[:200]}); use a fresh --workdir to train another one"
+                )
+    busi_io.atomic_write_json(cfg_path, new)
+    return workdir
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike[str],
+    *,
+    model: nn.Module | None = None,
+    loss_fn: LossFn | None = None,
+    predicted_masks: Callable | None = None,
+) -> dict:
+    """Trains a model, resuming from ``workdir`` if it holds an interrupted run.
+
+    Args:
+        config: experiment config (see ``configs/default.py``).
+        workdir: output folder.
+        model: overrides ``config.model``.
+        loss_fn: overrides the task's loss.
+        predicted_masks: mask predictor for classification on predicted masks;
+            built from ``config.classifier.segmenter_workdir`` when None.
+
+    Returns:
+        Validation metrics of the best checkpoint, also written to
+        ``workdir/final_metrics.json``.
+    """
+    validate_config(config)
+    task = make_task(config, model, loss_fn)
+    workdir = check_workdir(workdir, config)
+
+    if (
+        config.task == "classification"
+        and config.classifier.mask_source == "predicted"
+        and predicted_masks is None
+    ):
+        if not config.classifier.segmenter_workdir:
+            raise ConfigError(
+                "config.classifier.segmenter_workdir is empty: classification on predicted masks needs a"
+                " trained segmenter (or set config.classifier.mask_source='ground_truth')"
+            )
+        from busi_jax import inference
+
+        predicted_masks = inference.mask_predictor(config.classifier.segmenter_workdir)
+
+    train = prepare_arrays(config, config.data.train_split, predicted_masks)
+    val = prepare_arrays(config, config.data.eval_split, predicted_masks)
+    n_train = len(train["image"])
+    if n_train < config.batch_size:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} exceeds the {n_train} training scans"
+        )
+    steps_per_epoch = n_train // config.batch_size
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    train_dev = device_arrays(train, replicated)
+
+    tx = make_optimizer(config, steps_per_epoch)
+    aug_cfg = augment_lib.AugmentConfig.from_config(config.augment)
+    # 'rbg' keys: XLA compiles the default threefry generator very slowly on
+    # CPU (tens of seconds for a U-Net's init and the augmentation); rbg is
+    # just as deterministic for a given seed and backend.
+    root = jax.random.key(config.seed, impl=PRNG_IMPL)
+    init_key, data_key, state_key = jax.random.split(root, 3)
+    sample = to_model_batch({k: v[:1] for k, v in train_dev.items()})
+    variables = task.model.init(
+        {"params": init_key, "dropout": init_key}, task.inputs(sample), train=False
+    )
+    params = variables["params"]
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        rng=jax.random.key_data(state_key),
+    )
+    state = jax.device_put(state, replicated)
+
+    ckpts = ckpt_lib.Checkpoints(workdir, task.metric, config.keep_best)
+    meta = {
+        "epoch": 0,
+        "best_metric": -math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "stopped": False,
+    }
+    restored = ckpts.restore_latest(state)
+    if restored is not None:
+        state, meta = restored
+        state = jax.device_put(state, replicated)
+        print(
+            f"Resuming from {workdir}/checkpoints/latest at epoch {meta['epoch']}", file=sys.stderr
+        )
+    logger = _Logger(workdir, meta["epoch"])
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def run_step(state, idx):
+        raw = jax.tree.map(lambda a: a[idx], train_dev)
+        raw = jax.lax.with_sharding_constraint(raw, batch_sharding)
+        # The PRNG key is stored as raw key data so Orbax can save it.
+        s = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=PRNG_IMPL))
+        s, m = train_step(s, raw, task=task, tx=tx, aug_cfg=aug_cfg, ema_decay=config.ema_decay)
+        return s.replace(rng=jax.random.key_data(s.rng)), m
+
+    eval_fn = jax.jit(functools.partial(eval_step, task=task))
+    use_ema = config.ema_decay > 0
+
+    total_steps = steps_per_epoch * config.num_epochs
+    bar = _progress(config, total_steps, int(state.step))
+    try:
+        epoch = meta["epoch"]
+        while epoch < config.num_epochs and not meta["stopped"]:
+            epoch += 1
+            t0 = time.time()
+            perm = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), n_train))
+            loss_avg = metrics_lib.Average()
+            for s in range(steps_per_epoch):
+                idx = jnp.asarray(perm[s * config.batch_size : (s + 1) * config.batch_size])
+                state, m = run_step(state, idx)
+                step = int(state.step)
+                if s % config.log_every_steps == 0 or s == steps_per_epoch - 1:
+                    loss = float(m["loss"])
+                    if not math.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss is {loss} at step {step} (epoch {epoch}); the last good checkpoint is in"
+                            f" {workdir}/checkpoints (try a lower config.learning_rate)"
+                        )
+                    logger.scalar("train/loss", loss, step)
+                    loss_avg = loss_avg.merge(metrics_lib.Average.of(loss))
+                if bar is not None:
+                    rate = (s + 1) * config.batch_size / max(time.time() - t0, 1e-9)
+                    bar.set_postfix_str(
+                        f"epoch {epoch}/{config.num_epochs} loss {loss_avg.compute():.4f} {rate:.1f} img/s"
+                    )
+                    bar.update(1)
+            train_time = time.time() - t0
+            weights = inference_weights(state, use_ema)
+            preds = predict_arrays(eval_fn, weights, val, config.eval_batch_size)
+            val_metrics = summarize(task.kind, preds, val, config.threshold)
+            value = val_metrics.get(task.metric, float("nan"))
+            improved = math.isfinite(value) and value > meta["best_metric"]
+            if improved:
+                meta.update(best_metric=float(value), best_epoch=epoch, bad_epochs=0)
+            else:
+                meta["bad_epochs"] += 1
+            meta["epoch"] = epoch
+            patience = config.early_stopping_patience
+            if patience and meta["bad_epochs"] >= patience:
+                meta["stopped"] = True
+            record = {
+                "epoch": epoch,
+                "step": int(state.step),
+                "split": "validation",
+                "train_loss": loss_avg.compute(),
+                **val_metrics,
+                "img_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9),
+                "epoch_seconds": time.time() - t0,
+            }
+            logger.epoch(record)
+            if improved:
+                ckpts.save_best(
+                    int(state.step),
+                    weights,
+                    {"epoch": epoch, **_clean(val_metrics)},
+                    {task.metric: value},
+                )
+            ckpts.save_latest(int(state.step), state, meta)
+            if bar is None:
+                print(
+                    f"epoch {epoch}: train_loss {record['train_loss']:.4f} val {task.metric} {value:.4f}",
+                    file=sys.stderr,
+                )
+            if meta["stopped"]:
+                print(
+                    f"Early stopping at epoch {epoch}: no better validation {task.metric} for {patience} epochs",
+                    file=sys.stderr,
+                )
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+    best_weights, best_meta = ckpts.restore_best(inference_weights(state, use_ema))
+    ckpts.close()
+    preds = predict_arrays(eval_fn, best_weights, val, config.eval_batch_size)
+    final = {
+        "split": config.data.eval_split,
+        "best_epoch": best_meta["epoch"],
+        "epochs_run": meta["epoch"],
+        **summarize(task.kind, preds, val, config.threshold),
+    }
+    busi_io.atomic_write_json(workdir / "final_metrics.json", _clean(final))
+    print(
+        f"Validation ({config.data.eval_split}) of the best checkpoint (epoch {best_meta['epoch']}): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)),
+        file=sys.stderr,
+    )
+    return final
+
+
+def _clean(d: Mapping) -> dict:
+    """JSON-safe copy (NaN becomes None)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _progress(config, total, initial):
+    if not config.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=1.0,
+    )

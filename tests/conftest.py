@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny synthetic dataset built once per test session."""
+
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `configs` is imported as a package by the tests.
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A data_dir holding a built 16-scan synthetic dataset (see tiny_config)."""
+    from busi_jax import data
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    data.builder(_data_fields(data_dir))
+    return data_dir
+
+
+def _data_fields(data_dir):
+    return dict(
+        source="synthetic",
+        image_size=128,
+        data_dir=str(data_dir),
+        manual_dir=None,
+        synthetic_seed=0,
+        synthetic_per_class=6,
+    )
+
+
+@pytest.fixture
+def tiny_config(tiny_data_dir):
+    """The demo config shrunk to seconds: a width-4, depth-2 U-Net++ for 2 epochs."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.data.data_dir = str(tiny_data_dir)
+    config.data.synthetic_per_class = 6
+    config.model.features = 4
+    config.model.depth = 2
+    config.num_epochs = 2
+    config.batch_size = 4
+    config.eval_batch_size = 8
+    config.progress = False
+    return config

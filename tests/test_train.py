@@ -1,0 +1,187 @@
+"""The training loop end to end on tiny synthetic data: outputs, determinism, resume, errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from busi_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _epochs(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines]
+
+
+def _strip_timing(records):
+    return [
+        {k: v for k, v in r.items() if k not in ("img_per_s", "epoch_seconds")} for r in records
+    ]
+
+
+def test_train_writes_workdir_and_is_deterministic(tiny_config, tmp_path):
+    a = train.train_and_evaluate(tiny_config, tmp_path / "a")
+    wd = tmp_path / "a"
+    assert json.loads((wd / "config.json").read_text())["model"]["features"] == 4
+    recs = _epochs(wd)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert all(0.0 <= r["lesion_dice"] <= 1.0 for r in recs)
+    assert (wd / "final_metrics.json").exists()
+    assert any((wd / "tensorboard").iterdir())
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["best", "latest"]
+    b = train.train_and_evaluate(tiny_config, tmp_path / "b")
+    assert _strip_timing(recs) == _strip_timing(_epochs(tmp_path / "b"))
+    assert a == b
+
+
+def test_loss_falls_on_training_data(tiny_config, tmp_path):
+    tiny_config.num_epochs = 4
+    tiny_config.augment.enabled = False
+    train.train_and_evaluate(tiny_config, tmp_path)
+    losses = [r["train_loss"] for r in _epochs(tmp_path)]
+    assert losses[-1] < losses[0], losses
+
+
+def test_rerun_of_finished_run_resumes_without_training(tiny_config, tmp_path):
+    first = train.train_and_evaluate(tiny_config, tmp_path)
+    again = train.train_and_evaluate(tiny_config, tmp_path)
+    assert first == again
+    assert len(_epochs(tmp_path)) == 2
+
+
+def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
+    train.train_and_evaluate(tiny_config, tmp_path)
+    tiny_config.model.name = "unet"
+    with pytest.raises(train.ConfigError, match="different config.model"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("batch_size", 0, "positive integer"),
+        ("batch_size", -3, "positive integer"),
+        ("learning_rate", 0.0, "positive"),
+        ("learning_rate", -1e-3, "positive"),
+        ("num_epochs", 0, "positive"),
+        ("schedule", "linear", "must be"),
+    ],
+)
+def test_bad_config_values(tiny_config, tmp_path, field, value, msg):
+    tiny_config[field] = value
+    with pytest.raises(train.ConfigError, match=f"config.{field}.*{msg}"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def _launch(args, env_extra=None, **kw):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
+
+
+def _tiny_args(data_dir, workdir, epochs=2):
+    return [
+        f"--config={ROOT / 'configs' / 'demo.py'}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.synthetic_per_class=6",
+        "--config.model.features=4",
+        "--config.model.depth=2",
+        f"--config.num_epochs={epochs}",
+        "--config.batch_size=4",
+        "--config.eval_batch_size=8",
+        "--config.progress=False",
+    ]
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("--config.bogus=1", "bad config override --config.bogus=1"),
+        ("--config.batch_size=0", "config.batch_size=0: must be a positive integer"),
+        ("--config.learning_rate=-1", "config.learning_rate=-1.0: must be a positive number"),
+        ("--config.learning_rate=abc", "could not convert"),
+    ],
+)
+def test_launch_reports_bad_config_in_one_line(tiny_data_dir, tmp_path, override, fragment):
+    r = _launch(_tiny_args(tiny_data_dir, tmp_path / "wd") + [override], timeout=300)
+    assert r.returncode == 1
+    assert fragment in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_launch_without_busi_says_how_to_get_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "BUSI_MANUAL_DIR"}
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            f"--config={ROOT / 'configs' / 'unetpp.py'}",
+            f"--workdir={tmp_path / 'wd'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1
+    assert "needs the BUSI dataset" in r.stderr and "BUSI_MANUAL_DIR" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_workdir(tiny_data_dir, tmp_path):
+    # A path under a regular file cannot be created even by root (for whom
+    # permission bits do not apply).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _launch(_tiny_args(tiny_data_dir, blocker / "wd"), timeout=300)
+    assert r.returncode == 1 and "not writable" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sigkill_then_rerun_matches_uninterrupted(tiny_data_dir, tmp_path):
+    whole = tmp_path / "whole"
+    r = _launch(_tiny_args(tiny_data_dir, whole, epochs=3), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch.py"), *_tiny_args(tiny_data_dir, killed, epochs=3)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    # Kill as soon as the first epoch's checkpoint is complete.
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and any(p.name.isdigit() for p in latest.iterdir()):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final_metrics.json").exists()
+
+    r = _launch(_tiny_args(tiny_data_dir, killed, epochs=3), timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Resuming" in r.stderr
+    assert _strip_timing(_epochs(killed)) == _strip_timing(_epochs(whole))
+    assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
+        (whole / "final_metrics.json").read_text()
+    )
