@@ -42,6 +42,11 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _score(metrics: dict) -> float:
+    # Checkpoints written before "score" existed hold only the named metric.
+    return metrics["score"] if "score" in metrics else next(iter(metrics.values()))
+
+
 class Checkpoints:
     """The latest and best-k checkpoints of one workdir.
 
@@ -51,15 +56,18 @@ class Checkpoints:
         keep_best: how many best checkpoints to keep.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, metric: str, keep_best: int = 2):
-        root = pathlib.Path(workdir) / "checkpoints"
+    def __init__(self, workdir: str | pathlib.Path, metric: str = "score", keep_best: int = 2):
+        # Orbax wants absolute paths; a relative --workdir is common.
+        root = pathlib.Path(workdir).expanduser().resolve() / "checkpoints"
         self.metric = metric
         self.latest = ocp.CheckpointManager(root / "latest", options=_options(max_to_keep=1))
         self.best = ocp.CheckpointManager(
             root / "best",
             options=_options(
                 max_to_keep=keep_best,
-                best_fn=lambda m: m[metric],
+                # Ranked by "score" (the validation metric under a fixed name), so
+                # a reader does not need to know which metric the run optimised.
+                best_fn=_score,
                 best_mode="max",
                 keep_checkpoints_without_metrics=False,
             ),
@@ -81,7 +89,10 @@ class Checkpoints:
             args=ocp.args.Composite(
                 weights=ocp.args.StandardSave(weights), meta=ocp.args.JsonSave(meta)
             ),
-            metrics={k: float(v) for k, v in metrics.items()},
+            metrics={
+                "score": float(metrics[self.metric]),
+                **{k: float(v) for k, v in metrics.items()},
+            },
             force=True,
         )
         self.best.wait_until_finished()

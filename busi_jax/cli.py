@@ -63,6 +63,27 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(1)
 
 
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-host run when its environment says so.
+
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES``
+    and ``JAX_PROCESS_ID`` set by hand, or ``BUSI_DISTRIBUTED=1`` on a cluster
+    that JAX detects by itself (SLURM, Cloud TPU, Kubernetes). A single host
+    needs neither: all its local devices are used.
+    """
+    import os
+
+    import jax
+
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("BUSI_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
 def run(config, workdir: str) -> dict:
     """Runs the job named by ``config.task`` (what ``launch.py`` calls)."""
     from absl import logging
@@ -78,6 +99,7 @@ def run(config, workdir: str) -> dict:
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"error: --config: {msg}", file=sys.stderr)
         sys.exit(1)
+    maybe_initialize_distributed()
     with exit_on_user_error():
         if task == "pipeline":
             from busi_jax import pipeline

@@ -45,7 +45,7 @@ def load_model(workdir: str | pathlib.Path):
         train=False,
     )
     like = {"params": like["params"], "batch_stats": like.get("batch_stats", {})}
-    ckpts = ckpt_lib.Checkpoints(workdir, "unused")
+    ckpts = ckpt_lib.Checkpoints(workdir)
     try:
         variables, _ = ckpts.restore_best(like)
     finally:

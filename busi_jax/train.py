@@ -481,9 +481,13 @@ def summarize(
 
 
 class _Logger:
-    """metrics.jsonl (rewritten whole on each epoch) and TensorBoard."""
+    """metrics.jsonl (rewritten whole on each epoch) and TensorBoard.
+
+    Only process 0 writes, so a multi-host run keeps one log.
+    """
 
     def __init__(self, workdir: pathlib.Path, resume_epoch: int):
+        self.enabled = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
         self.lines: list[dict] = []
         if self.path.exists():
@@ -496,13 +500,16 @@ class _Logger:
                         self.lines.append(rec)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+        self.tb = SummaryWriter(os.fspath(workdir / "tensorboard")) if self.enabled else None
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        self.tb.add_scalar(tag, value, step)
+        if self.enabled:
+            self.tb.add_scalar(tag, value, step)
 
     def epoch(self, record: dict) -> None:
         self.lines.append(record)
+        if not self.enabled:
+            return
         busi_io.atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.lines))
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("epoch", "step") and math.isfinite(v):
@@ -514,7 +521,8 @@ class _Logger:
         self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        if self.enabled:
+            self.tb.close()
 
 
 # --- The loop --------------------------------------------------------------
@@ -528,7 +536,7 @@ def check_workdir(
     Raises:
         ConfigError: the workdir holds a run of a different model, task or data.
     """
-    workdir = pathlib.Path(workdir).expanduser()
+    workdir = pathlib.Path(workdir).expanduser().absolute()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / ".write_test"
@@ -703,6 +711,7 @@ def train_and_evaluate(
                 "split": "validation",
                 "train_loss": loss_avg.compute(),
                 **val_metrics,
+                "devices": jax.device_count(),
                 "img_per_s": steps_per_epoch * config.batch_size / max(train_time, 1e-9),
                 "epoch_seconds": time.time() - t0,
             }

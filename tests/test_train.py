@@ -81,11 +81,11 @@ def test_bad_config_values(tiny_config, tmp_path, field, value, msg):
     assert not (tmp_path / "config.json").exists()
 
 
-def _launch(args, env_extra=None, **kw):
+def _launch(args, env_extra=None, cwd=ROOT, **kw):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -159,10 +159,11 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny_data_dir, tmp_path):
     r = _launch(_tiny_args(tiny_data_dir, whole, epochs=3), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
 
+    # A relative --workdir, as users type it (Orbax itself needs absolute paths).
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *_tiny_args(tiny_data_dir, killed, epochs=3)],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "launch.py"), *_tiny_args(tiny_data_dir, "killed", epochs=3)],
+        cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -178,7 +179,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny_data_dir, tmp_path):
     proc.wait()
     assert not (killed / "final_metrics.json").exists()
 
-    r = _launch(_tiny_args(tiny_data_dir, killed, epochs=3), timeout=600)
+    r = _launch(_tiny_args(tiny_data_dir, "killed", epochs=3), cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Resuming" in r.stderr
     assert _strip_timing(_epochs(killed)) == _strip_timing(_epochs(whole))
