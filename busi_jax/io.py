@@ -368,6 +368,12 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 # --- Writing whole or not at all -------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     """Yields a temporary path beside ``path``; renames it into place on success.
@@ -378,6 +384,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[pathlib.Path]:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mkstemp makes the file private (0600); outputs get the usual mode.
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = pathlib.Path(tmp)
     try:

@@ -676,15 +676,19 @@ def train_and_evaluate(
                 idx = jnp.asarray(perm[s * config.batch_size : (s + 1) * config.batch_size])
                 state, m = run_step(state, idx)
                 step = int(state.step)
+                # Every step's loss is checked (one scalar sync per step, which
+                # costs nothing next to a CPU step), so a divergence is reported at
+                # the step it happens and the NaN state is never checkpointed.
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {step} (epoch {epoch}); training stopped and the"
+                        f" last good checkpoint (end of epoch {epoch - 1}) is kept in"
+                        f" {workdir}/checkpoints (try a lower config.learning_rate)"
+                    )
+                loss_avg = loss_avg.merge(metrics_lib.Average.of(loss))
                 if s % config.log_every_steps == 0 or s == steps_per_epoch - 1:
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"loss is {loss} at step {step} (epoch {epoch}); the last good checkpoint is in"
-                            f" {workdir}/checkpoints (try a lower config.learning_rate)"
-                        )
                     logger.scalar("train/loss", loss, step)
-                    loss_avg = loss_avg.merge(metrics_lib.Average.of(loss))
                 if bar is not None:
                     rate = (s + 1) * config.batch_size / max(time.time() - t0, 1e-9)
                     bar.set_postfix_str(

@@ -186,3 +186,27 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny_data_dir, tmp_path):
     assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
         (whole / "final_metrics.json").read_text()
     )
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    import jax.numpy as jnp
+
+    from busi_jax import checkpoints
+
+    tiny_config.num_epochs = 1
+    train.train_and_evaluate(tiny_config, tmp_path)
+    steps = _epochs(tmp_path)[-1]["step"]
+
+    tiny_config.num_epochs = 2
+
+    def nan_loss(out, batch):
+        return jnp.mean(out) * jnp.nan
+
+    with pytest.raises(train.TrainingDiverged, match=f"at step {steps + 1} .*epoch 2"):
+        train.train_and_evaluate(tiny_config, tmp_path, loss_fn=nan_loss)
+    ck = checkpoints.Checkpoints(tmp_path)
+    assert ck.latest.latest_step() == steps
+    ck.close()
+    # The same command without the fault resumes from that checkpoint.
+    out = train.train_and_evaluate(tiny_config, tmp_path)
+    assert out["epochs_run"] == 2
