@@ -46,3 +46,31 @@ def tiny_config(tiny_data_dir):
     config.eval_batch_size = 8
     config.progress = False
     return config
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_data_dir, tmp_path_factory):
+    """A trained tiny pipeline workdir (1-epoch segmenter, 1-epoch classifier): (config, workdir, result)."""
+    from busi_jax import pipeline
+    from configs import demo
+    from configs import pipeline as pipeline_config
+
+    seg = demo.get_config()
+    seg.data.data_dir = str(tiny_data_dir)
+    seg.data.synthetic_per_class = 6
+    seg.model.features = 4
+    seg.model.depth = 2
+    seg.num_epochs = 1
+    seg.batch_size = 4
+    seg.eval_batch_size = 8
+    seg.progress = False
+    config = pipeline_config.get_config()
+    config.segmenter = seg
+    cls = config.classifier_stage
+    cls.num_epochs = 1
+    cls.progress = False
+    cls.model.features = (4, 8)
+    cls.batch_size = 4
+    workdir = tmp_path_factory.mktemp("pipeline")
+    result = pipeline.run(config, workdir)
+    return config, workdir, result

@@ -1,0 +1,441 @@
+"""Evaluates a training workdir on the test split or on any BUSI-layout folder.
+
+    python -m busi_jax.evaluate --workdir=DIR [--data_dir=FOLDER] [--output=FILE.json]
+        [--split=test] [--tta] [--postprocess=auto|none] [--n_boot=1000]
+
+DIR may be a segmenter, classifier, multitask or pipeline workdir. One JSON
+holds the segmentation metrics (lesion Dice/IoU, all-scan Dice/IoU with the
+empty-mask rule, pixel scores, HD95), the benign-vs-malignant metrics from
+*predicted* masks (AUC, accuracy, sensitivity, specificity, F1, confusion
+matrix, calibration), each with a 95% bootstrap interval, and the protocol; a
+CSV beside it holds one row per scan, and PNG plots sit next to both.
+
+Everything that is tuned -- the post-processing of predicted masks and the
+classifier's temperature -- is chosen on the dataset's ``validation`` split,
+never on the data being scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import pathlib
+import sys
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from busi_jax import checkpoints as ckpt_lib
+from busi_jax import data as data_lib
+from busi_jax import evalmetrics
+from busi_jax import inference
+from busi_jax import io as busi_io
+from busi_jax import models as models_lib
+from busi_jax import plots
+from busi_jax import postprocess as pp
+
+CITATION = (
+    "BUSI: W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, Dataset of breast ultrasound images,"
+    " Data in Brief 28 (2020) 104863 (CC BY 4.0)."
+)
+
+
+# --- Which models a workdir holds ---------------------------------------------
+
+
+def resolve(workdir: str | os.PathLike[str]) -> dict[str, pathlib.Path | None]:
+    """Finds the segmenter and classifier workdirs behind ``workdir``.
+
+    Returns:
+      ``{'segmenter': path or None, 'classifier': path or None, 'multitask':
+      path or None}``.
+
+    Raises:
+      ckpt_lib.CheckpointError: ``workdir`` is not a training workdir.
+    """
+    workdir = pathlib.Path(workdir).expanduser()
+    out: dict[str, pathlib.Path | None] = {"segmenter": None, "classifier": None, "multitask": None}
+    final = workdir / "final_metrics.json"
+    if (workdir / "classifier" / "config.json").exists():  # A pipeline workdir.
+        seg = workdir / "segmenter"
+        if final.exists():
+            seg = pathlib.Path(json.loads(final.read_text()).get("segmenter_workdir", seg))
+        out["segmenter"], out["classifier"] = seg, workdir / "classifier"
+        return out
+    config = inference.load_config(workdir)
+    if config.task == "segmentation":
+        out["segmenter"] = workdir
+    elif config.task == "multitask":
+        out["multitask"] = workdir
+    elif config.task == "classification":
+        out["classifier"] = workdir
+        if config.classifier.mask_source == "predicted":
+            out["segmenter"] = pathlib.Path(config.classifier.segmenter_workdir)
+    return out
+
+
+# --- Prediction ------------------------------------------------------------------
+
+
+def _batched(fn: Callable, arrays: list[np.ndarray], batch_size: int = 32) -> np.ndarray:
+    """Applies a jitted ``fn(*batch)`` over fixed-size (padded) batches."""
+    n = len(arrays[0])
+    outs = []
+    for start in range(0, n, batch_size):
+        chunk = [a[start : start + batch_size] for a in arrays]
+        pad = batch_size - len(chunk[0])
+        if pad:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], pad, 0)]) for c in chunk]
+        outs.append(np.asarray(fn(*chunk))[: batch_size - pad])
+    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+def segmenter_probs(workdir, tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """``images [N, S, S, 1] uint8 -> lesion probabilities [N, S, S]``."""
+    config, model, variables = inference.load_model(workdir)
+
+    @jax.jit
+    def prob(images):
+        x = images.astype(jnp.float32) / 255.0
+
+        def once(x):
+            out = model.apply(variables, x, train=False)
+            if isinstance(out, tuple):
+                out = out[0]
+            if out.ndim == 5:
+                out = out.mean(axis=0)
+            return jax.nn.sigmoid(out.astype(jnp.float32))
+
+        p = once(x)
+        if tta:  # Horizontal flips are label-preserving for breast ultrasound.
+            p = (p + jnp.flip(once(jnp.flip(x, axis=2)), axis=2)) / 2
+        return p[..., 0]
+
+    return lambda images: _batched(prob, [images])
+
+
+def classifier_logits(workdir) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``(images, masks) [N, S, S, 1] uint8 -> logits [N] (or [N, C])``."""
+    config, model, variables = inference.load_model(workdir)
+    mode = config.classifier.input_mode
+
+    @jax.jit
+    def logits(images, masks):
+        x = models_lib.classifier_inputs(
+            images.astype(jnp.float32) / 255.0, masks.astype(jnp.float32), mode
+        )
+        out = model.apply(variables, x, train=False)
+        return out.astype(jnp.float32)
+
+    return lambda images, masks: _batched(logits, [images, masks])
+
+
+def multitask_outputs(workdir, tta: bool = False):
+    """``images -> (lesion probabilities [N, S, S], malignancy logits [N])``."""
+    config, model, variables = inference.load_model(workdir)
+
+    @jax.jit
+    def both(images):
+        x = images.astype(jnp.float32) / 255.0
+        seg, cls = model.apply(variables, x, train=False)
+        p = jax.nn.sigmoid(seg.astype(jnp.float32))
+        if tta:
+            seg2, _ = model.apply(variables, jnp.flip(x, axis=2), train=False)
+            p = (p + jnp.flip(jax.nn.sigmoid(seg2.astype(jnp.float32)), axis=2)) / 2
+        return jnp.concatenate([p[..., 0].reshape(p.shape[0], -1), cls.reshape(-1, 1)], axis=1)
+
+    def run(images):
+        out = _batched(both, [images])
+        s = images.shape[1]
+        return out[:, :-1].reshape(-1, s, s), out[:, -1]
+
+    return run
+
+
+# --- Data ------------------------------------------------------------------------
+
+
+def load_folder(folder: str | os.PathLike[str], size: int) -> dict[str, np.ndarray]:
+    """Reads a BUSI-layout folder at model size, with the same checks as the builder."""
+    records = busi_io.list_scans(folder)
+    images, masks, labels, names = [], [], [], []
+    for record, image, mask in busi_io.read_examples(records):
+        images.append(busi_io.resize_image(image, size)[..., None])
+        masks.append(busi_io.resize_mask(mask, size)[..., None].astype(np.uint8))
+        labels.append(busi_io.CLASS_NAMES.index(record.label))
+        names.append(record.file_name)
+    return {
+        "image": np.stack(images),
+        "mask": np.stack(masks),
+        "label": np.array(labels, np.int32),
+        "file_name": np.array(names),
+    }
+
+
+# --- Evaluation ---------------------------------------------------------------------
+
+
+def evaluate(
+    workdir: str | os.PathLike[str],
+    *,
+    data_dir: str | None = None,
+    split: str = "test",
+    output: str | None = None,
+    tta: bool = False,
+    postprocess: str = "auto",
+    n_boot: int = 1000,
+    plots_enabled: bool = True,
+) -> dict:
+    """Scores ``workdir``'s best checkpoint(s); see the module docstring.
+
+    Returns:
+      The report written to ``output`` (default ``workdir/eval/<split>.json``).
+    """
+    if postprocess not in ("auto", "none"):
+        raise ValueError(f"--postprocess must be 'auto' or 'none', got {postprocess!r}")
+    workdir = pathlib.Path(workdir).expanduser()
+    parts = resolve(workdir)
+    main = parts["segmenter"] or parts["multitask"] or parts["classifier"]
+    config = inference.load_config(main)
+    size = int(config.data.image_size)
+    name = pathlib.Path(data_dir).name if data_dir else split
+    out_json = pathlib.Path(output) if output else workdir / "eval" / f"{name}.json"
+    out_dir = out_json.parent
+    stem = out_json.stem
+
+    val = data_lib.load_split(config.data, "validation")
+    target = load_folder(data_dir, size) if data_dir else data_lib.load_split(config.data, split)
+
+    seg_fn = cls_fn = None
+    if parts["multitask"]:
+        mt = multitask_outputs(parts["multitask"], tta)
+        seg_fn = lambda im: mt(im)[0]  # noqa: E731
+        mt_logits = lambda im, _m: mt(im)[1]  # noqa: E731
+        cls_fn = mt_logits
+    if parts["segmenter"]:
+        seg_fn = segmenter_probs(parts["segmenter"], tta)
+    if parts["classifier"]:
+        cls_fn = classifier_logits(parts["classifier"])
+
+    report: dict = {"citation": CITATION if not data_dir else None}
+    protocol = {
+        "workdir": os.fspath(workdir),
+        "data": os.fspath(data_dir) if data_dir else f"busi/{size} split '{split}'",
+        "resolution": f"{size}x{size} (masks resized by area-weighted resampling, threshold 0.5)",
+        "scans_per_class": {
+            c: int((target["label"] == i).sum()) for i, c in enumerate(busi_io.CLASS_NAMES)
+        },
+        "tta": "horizontal flip averaging" if tta else "none",
+        "tuned_on": "validation split (post-processing, temperature)",
+        "bootstrap": f"{n_boot} percentile resamples of scans, seed 0",
+    }
+    for role, path in parts.items():
+        if path is not None:
+            ck = ckpt_lib.Checkpoints(path)
+            protocol[f"{role}_checkpoint_step"] = ck.best_step()
+            ck.close()
+    per_scan = {
+        "file": target["file_name"],
+        "class": [busi_io.CLASS_NAMES[i] for i in target["label"]],
+    }
+
+    pred_masks = None
+    if seg_fn is not None:
+        pp_cfg = pp.PostprocessConfig(threshold=float(config.get("threshold", 0.5)))
+        if postprocess == "auto":
+            val_probs = seg_fn(val["image"])
+            pp_cfg, _ = pp.choose_on_validation(val_probs, val["mask"][..., 0] > 0)
+        protocol["postprocess"] = pp_cfg.describe()
+        probs = seg_fn(target["image"])
+        pred_masks = pp.apply(probs, pp_cfg)
+        truth = target["mask"][..., 0] > 0
+        seg_report = evalmetrics.segmentation_report(pred_masks, truth, n_boot=n_boot)
+        scores = seg_report.pop("per_scan")
+        report["segmentation"] = seg_report
+        per_scan["dice"] = scores["dice"]
+        per_scan["iou"] = scores["iou"]
+        per_scan["hd95"] = scores["hd95"]
+        if plots_enabled:
+            _segmentation_plots(out_dir, stem, target, truth, pred_masks, scores, seg_report)
+
+    if cls_fn is not None:
+        cls_report, probs_all = _classify(
+            cls_fn, seg_fn, parts, val, target, pp_cfg if seg_fn else None, n_boot
+        )
+        report["classification"] = cls_report
+        per_scan["malignancy_probability"] = probs_all
+        if plots_enabled and "confusion" in cls_report:
+            lesion = target["label"] > 0
+            y = (target["label"][lesion] == 2).astype(int)
+            p = probs_all[lesion]
+            plots.plot_confusion(
+                np.array(cls_report["confusion"]),
+                ["benign", "malignant"],
+                out_dir / f"{stem}_class_confusion.png",
+                "Benign vs malignant (predicted masks)",
+            )
+            plots.plot_reliability(p, y, out_dir / f"{stem}_reliability.png")
+            plots.plot_roc_pr(p, y, out_dir / f"{stem}_roc_pr.png")
+    report["protocol"] = protocol
+    if plots_enabled:
+        for role, path in parts.items():
+            if path is not None and (path / "metrics.jsonl").exists():
+                plots.plot_curves(path / "metrics.jsonl", out_dir / f"{stem}_{role}_curves.png")
+
+    report = evalmetrics.to_jsonable(report)
+    busi_io.atomic_write_json(out_json, report)
+    _write_csv(out_dir / f"{stem}_per_scan.csv", per_scan)
+    return report
+
+
+def _classify(cls_fn, seg_fn, parts, val, target, pp_cfg, n_boot):
+    """Benign-vs-malignant scores on lesion scans, with masks from the segmenter."""
+
+    def masks_for(arrays):
+        if seg_fn is None:  # A ground-truth-mask ablation classifier.
+            return arrays["mask"]
+        return pp.apply(seg_fn(arrays["image"]), pp_cfg)[..., None].astype(np.uint8)
+
+    cls_cfg = inference.load_config(parts["classifier"] or parts["multitask"])
+    mask_source = "predicted"
+    if parts["classifier"] and cls_cfg.classifier.mask_source == "ground_truth":
+        mask_source = "ground_truth (ablation: not a deployable score)"
+        seg_fn = None
+    val_logits = cls_fn(val["image"], masks_for(val))
+    logits = cls_fn(target["image"], masks_for(target))
+    lesion_val = val["label"] > 0
+    lesion = target["label"] > 0
+    probs_all = np.full(len(target["label"]), np.nan)
+    if logits.ndim == 1:
+        y_val = (val["label"][lesion_val] == 2).astype(int)
+        temperature = evalmetrics.temperature_scale(val_logits[lesion_val], y_val)
+        y = (target["label"][lesion] == 2).astype(int)
+        raw = evalmetrics.apply_temperature(logits[lesion], 1.0)
+        cal = evalmetrics.apply_temperature(logits[lesion], temperature)
+        rep = evalmetrics.classification_report(raw, y, n_boot=n_boot)
+        rep["temperature"] = float(temperature)
+        rep["ece_calibrated"] = float(evalmetrics.expected_calibration_error(cal, y))
+        rep["masks"] = mask_source
+        probs_all[lesion] = raw
+        return rep, probs_all
+    rep = evalmetrics.multiclass_report(
+        evalmetrics.apply_temperature(logits, 1.0),
+        target["label"],
+        class_names=list(busi_io.CLASS_NAMES),
+        n_boot=n_boot,
+    )
+    rep["masks"] = mask_source
+    probs_all = evalmetrics.apply_temperature(logits, 1.0)[:, 2]
+    return rep, probs_all
+
+
+def _segmentation_plots(out_dir, stem, target, truth, pred, scores, seg_report):
+    cm = np.array(seg_report["pixel_confusion"]) if "pixel_confusion" in seg_report else None
+    if cm is not None:
+        plots.plot_confusion(
+            cm, ["background", "lesion"], out_dir / f"{stem}_pixel_confusion.png", "Pixels"
+        )
+    table = {}
+    for i, c in enumerate(busi_io.CLASS_NAMES):
+        sel = target["label"] == i
+        if sel.any():
+            table[c] = {
+                "Dice": float(np.nanmean(scores["dice"][sel])),
+                "IoU": float(np.nanmean(scores["iou"][sel])),
+            }
+    plots.plot_metric_heatmap(table, out_dir / f"{stem}_per_class.png", "Per-class segmentation")
+    lesion = np.flatnonzero(target["label"] > 0)
+    if len(lesion):
+        cases = plots.pick_cases(scores["dice"][lesion], min(4, len(lesion)))
+        idx = np.concatenate([lesion[cases[k]] for k in ("best", "median", "worst")])
+        titles = [
+            f"{kind} {target['file_name'][i]}"
+            for kind in ("best", "median", "worst")
+            for i in lesion[cases[kind]]
+        ]
+        plots.plot_contour_grid(
+            target["image"][idx, ..., 0],
+            truth[idx],
+            pred[idx],
+            scores["dice"][idx],
+            titles,
+            out_dir / f"{stem}_contours.png",
+        )
+
+
+def _write_csv(path: pathlib.Path, columns: dict) -> None:
+    keys = list(columns)
+    n = len(columns[keys[0]])
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(keys)
+    for i in range(n):
+        row = []
+        for k in keys:
+            v = columns[k][i]
+            if isinstance(v, (float, np.floating)):
+                v = "" if not np.isfinite(v) else f"{float(v):.6f}"
+            row.append(v)
+        w.writerow(row)
+    busi_io.atomic_write_text(path, buf.getvalue())
+
+
+def main(argv=None) -> None:
+    from absl import app, flags, logging
+
+    flags.DEFINE_string(
+        "workdir", None, "Training workdir (segmenter, classifier, multitask or pipeline)."
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "A BUSI-layout folder to score instead of the dataset split."
+    )
+    flags.DEFINE_string("split", "test", "Dataset split scored when --data_dir is not given.")
+    flags.DEFINE_string("output", None, "JSON path (default WORKDIR/eval/<split>.json).")
+    flags.DEFINE_bool("tta", False, "Average predictions over horizontal flips.")
+    flags.DEFINE_enum(
+        "postprocess", "auto", ["auto", "none"], "Mask post-processing chosen on validation."
+    )
+    flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples for the 95% intervals.")
+    flags.mark_flag_as_required("workdir")
+    FLAGS = flags.FLAGS
+
+    def run(_):
+        from busi_jax import cli
+
+        logging.set_verbosity(logging.WARNING)
+        with cli.exit_on_user_error():
+            report = evaluate(
+                FLAGS.workdir,
+                data_dir=FLAGS.data_dir,
+                split=FLAGS.split,
+                output=FLAGS.output,
+                tta=FLAGS.tta,
+                postprocess=FLAGS.postprocess,
+                n_boot=FLAGS.n_boot,
+            )
+        _print_summary(report)
+
+    app.run(run, argv=argv)
+
+
+def _print_summary(report: dict) -> None:
+    for section in ("segmentation", "classification"):
+        if section in report:
+            parts = []
+            for k, v in report[section].items():
+                if isinstance(v, dict) and "mean" in v and v["mean"] is not None:
+                    lo, hi = v["ci95"]
+                    parts.append(
+                        f"{k} {v['mean']:.4f} [{lo:.3f}, {hi:.3f}]"
+                        if lo is not None
+                        else f"{k} {v['mean']:.4f}"
+                    )
+            print(f"{section}: " + ", ".join(parts), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

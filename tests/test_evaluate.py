@@ -1,0 +1,103 @@
+"""The evaluate command: JSON report, per-scan CSV, plots, on a split or a folder; bad folders."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from busi_jax import evaluate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _manual_dir(tiny_data_dir):
+    return next((pathlib.Path(tiny_data_dir) / "synthetic_manual").iterdir())
+
+
+def test_evaluate_pipeline_on_test_split(tiny_pipeline, tmp_path):
+    _, workdir, _ = tiny_pipeline
+    out = tmp_path / "eval" / "report.json"
+    report = evaluate.evaluate(workdir, output=str(out), n_boot=50)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    seg, cls = saved["segmentation"], saved["classification"]
+    for key in ("lesion_dice", "lesion_iou", "dice_all", "iou_all", "pixel_accuracy", "hd95"):
+        assert set(seg[key]) == {"mean", "ci95"}
+    for key in ("auc", "accuracy", "sensitivity", "specificity", "f1", "ece"):
+        assert set(cls[key]) == {"mean", "ci95"}
+    assert cls["masks"] == "predicted"
+    assert len(cls["confusion"]) == 2
+    proto = saved["protocol"]
+    assert proto["segmenter_checkpoint_step"] > 0 and "postprocess" in proto
+    assert "Data in Brief 28" in saved["citation"]
+    rows = list(csv.DictReader((tmp_path / "eval" / "report_per_scan.csv").open()))
+    assert len(rows) == sum(proto["scans_per_class"].values())
+    assert {"file", "class", "dice", "iou", "malignancy_probability"} <= set(rows[0])
+    for name in ("contours", "pixel_confusion", "class_confusion", "reliability", "roc_pr"):
+        png = tmp_path / "eval" / f"report_{name}.png"
+        assert png.exists() and png.stat().st_size > 1000, name
+    assert not [p for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")]
+
+
+def test_evaluate_on_a_folder(tiny_pipeline, tiny_data_dir, tmp_path):
+    _, workdir, _ = tiny_pipeline
+    out = tmp_path / "folder.json"
+    report = evaluate.evaluate(
+        workdir,
+        data_dir=str(_manual_dir(tiny_data_dir)),
+        output=str(out),
+        n_boot=20,
+        plots_enabled=False,
+    )
+    n = sum(report["protocol"]["scans_per_class"].values())
+    assert n >= 16 and out.exists()
+
+
+def _run_cli(args):
+    return subprocess.run(
+        [sys.executable, "-m", "busi_jax.evaluate", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "orphan_mask", "size_mismatch", "empty_class"])
+def test_evaluate_bad_folder_one_line_error(tiny_pipeline, tmp_path, fault):
+    import shutil
+
+    from PIL import Image
+
+    _, workdir, _ = tiny_pipeline
+    src = (
+        pathlib.Path(__file__).resolve().parents[1]
+        / "tfds_busi"
+        / "dummy_data"
+        / "Dataset_BUSI_with_GT"
+    )
+    folder = tmp_path / "data"
+    shutil.copytree(src, folder)
+    bad = folder / "benign" / "benign (1).png"
+    if fault == "corrupt":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 50)
+    elif fault == "orphan_mask":
+        shutil.copy(folder / "benign" / "benign (1)_mask.png", folder / "benign" / "ghost_mask.png")
+        bad = folder / "benign" / "ghost_mask.png"
+    elif fault == "size_mismatch":
+        bad = folder / "benign" / "benign (1)_mask.png"
+        Image.new("L", (7, 5)).save(bad)
+    else:
+        for f in (folder / "normal").iterdir():
+            f.unlink()
+        bad = folder / "normal"
+    out = tmp_path / "out" / "r.json"
+    r = _run_cli([f"--workdir={workdir}", f"--data_dir={folder}", f"--output={out}"])
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert str(bad) in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
