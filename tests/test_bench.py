@@ -1,0 +1,142 @@
+"""The speed benchmark's plumbing on tiny shapes (busi_jax.bench).
+
+Timings here are meaningless (1 step of a width-4, depth-2 net on 32-px scans);
+the tests check the row schema, the FLOP count, the JSON file and that
+PyTorch stays optional. CPU budget: two small train-step compilations.
+"""
+
+import contextlib
+import io
+import json
+import math
+import sys
+
+import pytest
+
+from busi_jax import bench
+
+TINY = {"batch": 2, "image_size": 32, "depth": 2}
+TINY_ARGS = [
+    "--quick",
+    "--models=unetpp",
+    "--widths=4",
+    "--depth=2",
+    "--image_size=32",
+    "--batch=2",
+    "--steps=1",
+    "--infer_reps=1",
+    "--matmul_n=64",
+    "--inprocess",
+]
+
+
+@pytest.fixture(scope="module")
+def no_torch_run(tmp_path_factory):
+    """``python -m busi_jax.bench --quick`` at tiny settings with torch unimportable.
+
+    Returns:
+        ``(exit status, stdout and stderr, the JSON written)``.
+    """
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        # A None entry in sys.modules makes `import torch` raise ImportError.
+        mp.setitem(sys.modules, "torch", None)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            status = bench.main([*TINY_ARGS, f"--output={out}"])
+    return status, stdout.getvalue() + stderr.getvalue(), json.loads(out.read_text())
+
+
+def test_jax_row_schema(no_torch_run):
+    status, _, result = no_torch_run
+    assert status == 0
+    assert set(result) == {"header", "rows"}
+    (row,) = result["rows"]
+    assert tuple(row) == bench.ROW_FIELDS
+    assert (row["framework"], row["model"], row["width"], row["precision"], row["batch"]) == (
+        "jax",
+        "unetpp",
+        4,
+        "fp32",
+        2,
+    )
+    assert row["layout"] == "nhwc"
+    for field in (
+        "train_img_per_s",
+        "infer_ms_b1",
+        "peak_rss_mb",
+        "gflop_per_step",
+        "fraction_of_peak",
+    ):
+        assert isinstance(row[field], float) and math.isfinite(row[field]) and row[field] > 0, field
+    machine = result["header"]["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"] and machine["date"]
+    assert machine["versions"]["jax"] and machine["versions"]["torch"] is None
+    peaks = result["header"]["matmul_peak_gflops"]
+    assert peaks["jax"]["fp32"] > 0 and peaks["jax"]["bf16"] > 0
+    assert result["header"]["param_counts"]["unetpp_w4"]["flax"] == 8201
+
+
+def test_torch_rows_skipped_with_a_note(no_torch_run):
+    _, stdout, result = no_torch_run
+    assert all(r["framework"] == "jax" for r in result["rows"])
+    assert any("PyTorch is not importable" in n for n in result["header"]["notes"])
+    assert "PyTorch is not importable" in stdout
+    assert result["header"]["matmul_peak_gflops"]["pytorch"] is None
+    (ratio,) = result["header"]["ratios"]
+    assert ratio["jax_fp32_over_torch_fp32_channels_last"] is None
+
+
+def test_flops_positive_and_grow_with_width(no_torch_run):
+    _, _, result = no_torch_run
+    w4, w8 = (bench.jax_step_flops("unetpp", w, **TINY) for w in (4, 8))
+    assert 0 < w4 < w8
+    # Convolutions dominate: doubling the width roughly quadruples the work.
+    assert 2.5 < w8 / w4 < 4.5
+    # The lowered program's count (no compile) is close to the compiled one's.
+    compiled_w4 = result["rows"][0]["gflop_per_step"] * 1e9
+    assert w4 == pytest.approx(compiled_w4, rel=0.15)
+
+
+def test_fraction_of_peak_and_ratios():
+    jax_row = {"framework": "jax", "model": "unet", "width": 8, "precision": "fp32"}
+    jax_row.update(layout="nhwc", gflop_per_step=10.0, _step_s=0.5, train_img_per_s=32.0)
+    bench.add_fraction_of_peak(jax_row, {"fp32": 100.0, "bf16": 400.0})
+    assert jax_row["fraction_of_peak"] == pytest.approx(0.2)
+    rows = [
+        jax_row,
+        {**jax_row, "precision": "bf16", "train_img_per_s": 48.0},
+        {**jax_row, "framework": "pytorch", "layout": "channels_last", "train_img_per_s": 16.0},
+        {**jax_row, "framework": "pytorch", "layout": "nchw", "train_img_per_s": 8.0},
+        {**jax_row, "framework": "pytorch", "precision": "bf16", "layout": "channels_last"},
+    ]
+    rows[-1]["train_img_per_s"] = 24.0
+    (r,) = bench.ratios(rows)
+    assert r["jax_fp32_over_torch_fp32_channels_last"] == pytest.approx(2.0)
+    assert r["jax_best_over_torch_bf16"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("model", ["unetpp", "unet", "sunet"])
+@pytest.mark.parametrize("depth", [2, 4])
+def test_torch_twin_has_the_flax_parameter_count(model, depth):
+    pytest.importorskip("torch")
+    flax_n = bench.flax_param_count(model, 4, depth)
+    assert bench.torch_param_count(bench.torch_model(model, 4, depth)) == flax_n
+
+
+def test_torch_row_schema():
+    pytest.importorskip("torch")
+    row = bench.time_torch(
+        "unetpp",
+        4,
+        "fp32",
+        "channels_last",
+        steps=1,
+        infer_reps=1,
+        expected_params=8201,
+        **TINY,
+    )
+    assert tuple(bench.public_row(row)) == bench.ROW_FIELDS
+    assert row["framework"] == "pytorch" and row["train_img_per_s"] > 0
+    with pytest.raises(AssertionError, match="parameters"):
+        bench.time_torch("unet", 4, "fp32", "nchw", steps=1, expected_params=1, **TINY)
