@@ -210,3 +210,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
     # The same command without the fault resumes from that checkpoint.
     out = train.train_and_evaluate(tiny_config, tmp_path)
     assert out["epochs_run"] == 2
+
+
+def test_save_killed_midway_leaves_previous_checkpoint_usable(tiny_config, tmp_path):
+    # A save killed mid-way leaves Orbax's temporary folder beside the last
+    # complete step; the rerun must ignore it, resume from that step and
+    # clean it up.
+    tiny_config.num_epochs = 1
+    train.train_and_evaluate(tiny_config, tmp_path)
+    latest = tmp_path / "checkpoints" / "latest"
+    (step,) = [int(p.name) for p in latest.iterdir() if p.name.isdigit()]
+    partial = latest / f"{step + 99}.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+    tiny_config.num_epochs = 2
+    out = train.train_and_evaluate(tiny_config, tmp_path)
+    assert out["epochs_run"] == 2
+    assert [r["epoch"] for r in _epochs(tmp_path)] == [1, 2]
+    assert not partial.exists()
+
+
+def test_checkpoint_of_another_model_is_one_clear_error(tiny_config, tmp_path):
+    from busi_jax import checkpoints
+
+    tiny_config.num_epochs = 1
+    train.train_and_evaluate(tiny_config, tmp_path)
+    (
+        tmp_path / "config.json"
+    ).unlink()  # Bypass the config check: the checkpoint itself must be caught.
+    tiny_config.model.features = 6
+    with pytest.raises(checkpoints.CheckpointError, match="does not fit this config's model"):
+        train.train_and_evaluate(tiny_config, tmp_path)
