@@ -409,3 +409,34 @@ def check_divisible(x: jax.Array, depth: int) -> None:
     f = 2**depth
     if h % f or w % f:
         raise ValueError(f"input spatial size {(h, w)} must be divisible by 2**depth={f}")
+
+
+# Grad-CAM hooks (see busi_jax.gradcam): a point named 'x' appears as
+# 'cam_x' in the 'perturbations' and 'intermediates' collections.
+CAM_PREFIX = "cam_"
+
+
+def cam_point(module: nn.Module, layer: str, x: jax.Array) -> jax.Array:
+    """Marks ``x`` as a Grad-CAM layer of ``module``; returns ``x`` unchanged.
+
+    Ordinary ``init``/``apply`` calls see a no-op: the point only acts when
+    ``apply`` is given a 'perturbations' collection (``x`` + that zero array,
+    whose gradient is then d(output)/dx) or a mutable 'intermediates'
+    collection (``x`` is recorded). It is skipped while initialising so that
+    ``init`` still returns only 'params' (and 'batch_stats'), i.e. existing
+    checkpoints and training code are unaffected.
+
+    Args:
+      module: the module whose scope holds the point (call from a compact
+        ``__call__``).
+      layer: short layer name, e.g. 'bottleneck'.
+      x: feature map ``[B, h, w, C]``.
+
+    Returns:
+      ``x`` (plus the perturbation, when one is supplied).
+    """
+    if module.is_initializing():
+        return x
+    name = CAM_PREFIX + layer
+    module.sow("intermediates", name, x)
+    return module.perturb(name, x)

@@ -8,7 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from busi_jax.models.blocks import NORMS, PARAM_DTYPE, ConvBlock, check_choice, max_pool2
+from busi_jax.models.blocks import (
+    NORMS,
+    PARAM_DTYPE,
+    ConvBlock,
+    cam_point,
+    check_choice,
+    max_pool2,
+)
 
 Dtype = Any
 
@@ -173,6 +180,10 @@ class Classifier(nn.Module):
                 dtype=self.dtype,
                 name=f"stage{s}",
             )(x, train)
+            if s == len(self.features) - 1:
+                # Grad-CAM's layer: the last conv feature map, before its pool
+                # (as VGG's conv5_3 in the paper), at twice the pooled size.
+                x = cam_point(self, "features", x)
             x = max_pool2(x)
         return ClassHead(
             self.num_classes, self.hidden, self.dropout, dtype=self.dtype, name="head"

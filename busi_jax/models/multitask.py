@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from busi_jax.models.blocks import PARAM_DTYPE
+from busi_jax.models.blocks import PARAM_DTYPE, cam_point
 from busi_jax.models.classifier import ClassHead
 from busi_jax.models.unet import UNet
 
@@ -56,7 +56,11 @@ class MultiTaskUNet(UNet):
           and float32 ``[B]`` (num_classes == 1) or ``[B, num_classes]``.
         """
         skips, bottom = self._encoder()(x, train)
+        # Marked before the fork: the decoder and the class head both read
+        # it, so one point serves both Grad-CAM targets.
+        bottom = cam_point(self, "bottleneck", bottom)
         y = self._decoder()(skips, bottom, train)
+        y = cam_point(self, "decoder", y)
         seg = nn.Conv(
             self.out_channels, (1, 1), dtype=jnp.float32, param_dtype=PARAM_DTYPE, name="head"
         )(y)

@@ -21,6 +21,7 @@ from busi_jax.models.blocks import (
     ConvBlock,
     DilatedBottleneck,
     UpSample,
+    cam_point,
     check_choice,
     check_divisible,
     max_pool2,
@@ -247,7 +248,9 @@ class UNet(nn.Module):
           float32 logits ``[B, H, W, out_channels]``.
         """
         skips, bottom = self._encoder()(x, train)
+        bottom = cam_point(self, "bottleneck", bottom)
         y = self._decoder()(skips, bottom, train)
+        y = cam_point(self, "decoder", y)
         logits = nn.Conv(
             self.out_channels, (1, 1), dtype=jnp.float32, param_dtype=PARAM_DTYPE, name="head"
         )(y)

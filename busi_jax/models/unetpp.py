@@ -25,6 +25,7 @@ from busi_jax.models.blocks import (
     ConvBlock,
     DilatedBottleneck,
     UpSample,
+    cam_point,
     check_divisible,
     max_pool2,
 )
@@ -173,6 +174,10 @@ class UNetPlusPlus(nn.Module):
             else:
                 block = ConvBlock(width, name=f"X_{i}_0", **kw)
             nodes[(i, 0)] = block(h, train)
+        # Grad-CAM layers: the deepest backbone node computed (X^{L,0}, or
+        # X^{k+1,0} for a pruned head k) and the last top-row node X^{0,L}
+        # (X^{0,k+1}), which feeds the final (or selected) head.
+        nodes[(cols, 0)] = cam_point(self, "bottleneck", nodes[(cols, 0)])
         for j in range(1, cols + 1):
             for i in range(cols + 1 - j):
                 width = self.features * 2**i
@@ -184,6 +189,7 @@ class UNetPlusPlus(nn.Module):
                 nodes[(i, j)] = ConvBlock(width, name=f"X_{i}_{j}", **kw)(
                     jnp.concatenate(cat, axis=-1), train
                 )
+        nodes[(0, cols)] = cam_point(self, "decoder", nodes[(0, cols)])
 
         def head(j: int, name: str) -> jax.Array:
             y = nn.Conv(
