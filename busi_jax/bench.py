@@ -248,19 +248,7 @@ def _jax_setup(
     @jax.jit
     def init_state(root):
         init_key, state_key = jax.random.split(root)
-        sample = train_lib.to_model_batch({k: v[:1] for k, v in data.items()})
-        variables = task.model.init(
-            {"params": init_key, "dropout": init_key}, task.inputs(sample), train=False
-        )
-        params = variables["params"]
-        return train_lib.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(params),
-            ema_params=jax.tree.map(jnp.copy, params),
-            rng=jax.random.key_data(state_key),
-        )
+        return train_lib.init_state(task, tx, data, init_key, state_key)
 
     root = jax.random.key(config.seed, impl=train_lib.PRNG_IMPL)
     # Lowering alone needs only shapes: skip running (and compiling) the init.

@@ -38,6 +38,15 @@ def exit_on_user_error():
         sys.exit(1)
 
 
+def run_command(fn, *args, **kwargs):
+    """Runs a command-line entry point's work: quiet logs, one line per user error."""
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    with exit_on_user_error():
+        return fn(*args, **kwargs)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that reports a bad ``--config.FIELD`` in one line.
 

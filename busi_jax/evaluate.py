@@ -385,7 +385,7 @@ def _write_csv(path: pathlib.Path, columns: dict) -> None:
 
 
 def main(argv=None) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
 
     flags.DEFINE_string(
         "workdir", None, "Training workdir (segmenter, classifier, multitask or pipeline)."
@@ -406,17 +406,16 @@ def main(argv=None) -> None:
     def run(_):
         from busi_jax import cli
 
-        logging.set_verbosity(logging.WARNING)
-        with cli.exit_on_user_error():
-            report = evaluate(
-                FLAGS.workdir,
-                data_dir=FLAGS.data_dir,
-                split=FLAGS.split,
-                output=FLAGS.output,
-                tta=FLAGS.tta,
-                postprocess=FLAGS.postprocess,
-                n_boot=FLAGS.n_boot,
-            )
+        report = cli.run_command(
+            evaluate,
+            FLAGS.workdir,
+            data_dir=FLAGS.data_dir,
+            split=FLAGS.split,
+            output=FLAGS.output,
+            tta=FLAGS.tta,
+            postprocess=FLAGS.postprocess,
+            n_boot=FLAGS.n_boot,
+        )
         _print_summary(report)
 
     app.run(run, argv=argv)

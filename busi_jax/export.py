@@ -185,7 +185,7 @@ def load(path: str | os.PathLike[str]) -> Artifact:
 
 
 def main(argv=None) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "Training workdir to export.")
     flags.DEFINE_string("output", None, "Artifact path, e.g. model.busi.")
@@ -198,9 +198,7 @@ def main(argv=None) -> None:
     def run(_):
         from busi_jax import cli
 
-        logging.set_verbosity(logging.WARNING)
-        with cli.exit_on_user_error():
-            path = export(FLAGS.workdir, FLAGS.output, postprocess=FLAGS.postprocess)
+        path = cli.run_command(export, FLAGS.workdir, FLAGS.output, postprocess=FLAGS.postprocess)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
     app.run(run, argv=argv)

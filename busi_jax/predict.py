@@ -227,7 +227,7 @@ def _upsample(cam: np.ndarray, shape) -> np.ndarray:
 
 
 def main(argv=None) -> None:
-    from absl import app, flags, logging
+    from absl import app, flags
 
     flags.DEFINE_string("workdir", None, "Training workdir (segmenter, multitask or pipeline).")
     flags.DEFINE_string(
@@ -242,15 +242,14 @@ def main(argv=None) -> None:
     def run(_):
         from busi_jax import cli
 
-        logging.set_verbosity(logging.WARNING)
-        with cli.exit_on_user_error():
-            reps = predict(
-                FLAGS.input,
-                FLAGS.output,
-                workdir=FLAGS.workdir,
-                artifact=FLAGS.artifact,
-                pixel_spacing_mm=FLAGS.pixel_spacing_mm,
-            )
+        reps = cli.run_command(
+            predict,
+            FLAGS.input,
+            FLAGS.output,
+            workdir=FLAGS.workdir,
+            artifact=FLAGS.artifact,
+            pixel_spacing_mm=FLAGS.pixel_spacing_mm,
+        )
         print(f"wrote {len(reps)} reports and {pathlib.Path(FLAGS.output) / 'index.html'}")
 
     app.run(run, argv=argv)

@@ -81,6 +81,37 @@ class TrainState:
     rng: jax.Array
 
 
+def init_state(
+    task: "Task",
+    tx: optax.GradientTransformation,
+    raw_arrays: Mapping[str, jax.Array],
+    init_key: jax.Array,
+    state_key: jax.Array,
+) -> TrainState:
+    """A fresh state: parameters initialised on one sample of ``raw_arrays``.
+
+    Args:
+      task: model and inputs.
+      tx: the optimizer.
+      raw_arrays: uint8 ``image``/``mask`` arrays (and targets), ``[N, ...]``.
+      init_key: parameter (and dropout) initialisation key.
+      state_key: the key the training steps split from, stored as raw data.
+    """
+    sample = to_model_batch({k: v[:1] for k, v in raw_arrays.items()})
+    variables = task.model.init(
+        {"params": init_key, "dropout": init_key}, task.inputs(sample), train=False
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        ema_params=jax.tree.map(jnp.copy, params),
+        rng=jax.random.key_data(state_key),
+    )
+
+
 def inference_weights(state: TrainState, use_ema: bool) -> dict:
     """The variables used for evaluation and saved as 'best'."""
     return {
@@ -619,19 +650,9 @@ def train_and_evaluate(
     # just as deterministic for a given seed and backend.
     root = jax.random.key(config.seed, impl=PRNG_IMPL)
     init_key, data_key, state_key = jax.random.split(root, 3)
-    sample = to_model_batch({k: v[:1] for k, v in train_dev.items()})
-    variables = task.model.init(
-        {"params": init_key, "dropout": init_key}, task.inputs(sample), train=False
-    )
-    params = variables["params"]
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        ema_params=jax.tree.map(jnp.copy, params),
-        rng=jax.random.key_data(state_key),
-    )
+    # Jitted whole: op-by-op dispatch would compile every op of the init.
+    first = {k: v[:1] for k, v in train_dev.items()}
+    state = jax.jit(functools.partial(init_state, task, tx))(first, init_key, state_key)
     state = jax.device_put(state, replicated)
 
     ckpts = ckpt_lib.Checkpoints(workdir, task.metric, config.keep_best)
