@@ -8,7 +8,9 @@ size, grayscale or colour. For each scan OUT gets ``<stem>_pred_mask.png``
 (the predicted mask at the scan's original size), ``<stem>.json`` (probability,
 descriptors, suggested BI-RADS-style category, follow-up wording, disclaimer)
 and ``<stem>.html`` (scan, contour, Grad-CAM, the same facts), plus
-``index.html``. Scans in class sub-folders keep their sub-folder in OUT.
+``index.html``. Scans in class sub-folders keep their sub-folder in OUT. Mask
+files beside a scan (``<stem>_mask*.png``) are read as its reference and the
+report adds their Dice (``reference_dice``).
 
 Every input is read and checked before anything is written, so a bad file
 stops the command with one message and no output; each output file is
@@ -132,7 +134,16 @@ def predict(
     if pixel_spacing_mm is not None and not pixel_spacing_mm > 0:
         raise busi_io.BusiDataError(f"--pixel_spacing_mm must be positive, got {pixel_spacing_mm}")
     records = busi_io.list_inputs(input_path)
-    scans = [busi_io.read_scan(r.image_path) for r in records]  # All checked before any write.
+    # Every scan and mask is read (and so checked) before anything is written.
+    # Mask files beside a scan are its reference: the report adds its Dice.
+    scans, truths = [], []
+    for r in records:
+        if r.mask_paths:
+            image, truth = busi_io.read_example(r)
+        else:
+            image, truth = busi_io.read_scan(r.image_path), None
+        scans.append(image)
+        truths.append(truth)
     engine = _Engine(workdir, artifact)
     out = pathlib.Path(output)
     try:
@@ -159,6 +170,9 @@ def predict(
             if probs is not None and d.get("has_lesion"):
                 prob = float(probs[j])
             stem = _out_stem(out, record)
+            extra = {}
+            if truths[i] is not None:
+                extra["reference_dice"] = _dice(full_mask, truths[i])
             rep = report_lib.build(
                 record.file_name,
                 prob,
@@ -168,6 +182,7 @@ def predict(
                     "model": engine.source,
                     "postprocess": engine.pp_cfg.describe(),
                     "notes": list(engine.notes),
+                    **extra,
                 },
             )
             images = [
@@ -217,6 +232,12 @@ def predict(
             )
     busi_io.atomic_write_text(out / "index.html", report_lib.render_index(index))
     return reports
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of the predicted mask against the reference mask files (1.0 when both are empty)."""
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
 
 
 def _upsample(cam: np.ndarray, shape) -> np.ndarray:

@@ -39,6 +39,7 @@ def test_outputs_per_scan(predicted):
         assert saved["category"] in ("1", "2", "3", "4A", "4B", "4C", "5")
         assert "not a medical device" in saved["disclaimer"]
         assert (out / cls / f"{stem}.html").exists()
+        assert 0.0 <= saved["reference_dice"] <= 1.0  # The mask files beside each scan.
         if saved["descriptors"]["has_lesion"]:
             assert 0.0 <= saved["malignancy_probability"] <= 1.0
     assert (out / "index.html").exists()
