@@ -31,39 +31,35 @@ def _data_fields(data_dir):
     )
 
 
-@pytest.fixture
-def tiny_config(tiny_data_dir):
-    """The demo config shrunk to seconds: a width-4, depth-2 U-Net++ for 2 epochs."""
+def tiny_demo_config(data_dir, epochs=2):
+    """The demo config shrunk to seconds: a width-4, depth-2 U-Net++ on the tiny dataset."""
     from configs import demo
 
     config = demo.get_config()
-    config.data.data_dir = str(tiny_data_dir)
+    config.data.data_dir = str(data_dir)
     config.data.synthetic_per_class = 6
     config.model.features = 4
     config.model.depth = 2
-    config.num_epochs = 2
+    config.num_epochs = epochs
     config.batch_size = 4
     config.eval_batch_size = 8
     config.progress = False
     return config
 
 
+@pytest.fixture
+def tiny_config(tiny_data_dir):
+    """The tiny demo config for 2 epochs."""
+    return tiny_demo_config(tiny_data_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_data_dir, tmp_path_factory):
     """A trained tiny pipeline workdir (1-epoch segmenter, 1-epoch classifier): (config, workdir, result)."""
     from busi_jax import pipeline
-    from configs import demo
     from configs import pipeline as pipeline_config
 
-    seg = demo.get_config()
-    seg.data.data_dir = str(tiny_data_dir)
-    seg.data.synthetic_per_class = 6
-    seg.model.features = 4
-    seg.model.depth = 2
-    seg.num_epochs = 1
-    seg.batch_size = 4
-    seg.eval_batch_size = 8
-    seg.progress = False
+    seg = tiny_demo_config(tiny_data_dir, epochs=1)
     config = pipeline_config.get_config()
     config.segmenter = seg
     cls = config.classifier_stage
