@@ -74,6 +74,10 @@ def builder(data_config: Mapping, *, prepare: bool = True):
             or None for ``$BUSI_MANUAL_DIR``), and for synthetic data
             ``synthetic_seed`` and ``synthetic_per_class``.
         prepare: build the dataset if it is not built yet.
+
+    A BUSI dataset already built in ``data_dir`` is reused as it is: to rebuild
+    from another copy of BUSI, point ``data_dir`` elsewhere or delete
+    ``data_dir/busi``.
     """
     import tensorflow_datasets as tfds
 
@@ -85,7 +89,9 @@ def builder(data_config: Mapping, *, prepare: bool = True):
         raise DataConfigError(f"data.image_size must be 128 or 256, got {size}")
     data_dir = pathlib.Path(data_config["data_dir"]).expanduser()
     if source == "busi":
-        manual_dir = resolve_manual_dir(data_config.get("manual_dir"))
+        # Resolved only when a build is needed: an already built dataset is
+        # usable without the raw folder (e.g. evaluate on another machine).
+        manual_dir = None
         ds_dir = data_dir
     elif source == SYNTHETIC:
         n = int(data_config["synthetic_per_class"])
@@ -106,6 +112,8 @@ def builder(data_config: Mapping, *, prepare: bool = True):
         raise DataConfigError(f"data.source must be 'busi' or '{SYNTHETIC}', got {source!r}")
     b = tfds.builder(f"busi/{size}", data_dir=os.fspath(ds_dir), file_format="array_record")
     if prepare and not b.is_prepared():
+        if manual_dir is None:
+            manual_dir = resolve_manual_dir(data_config.get("manual_dir"))
         b.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
         )

@@ -23,7 +23,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
       ``{'segmenter': metrics, 'classifier': metrics}`` on the validation
       split, also written to ``workdir/final_metrics.json``.
     """
-    workdir = pathlib.Path(workdir).expanduser()
+    # Absolute, so the classifier's config and final_metrics.json point at the
+    # segmenter from any working directory.
+    workdir = pathlib.Path(workdir).expanduser().absolute()
     seg_cfg = config.segmenter
     cls_cfg = ml_collections.ConfigDict(config.classifier_stage.to_dict())
     # Both stages see the same data and splits, so the classifier's validation
@@ -31,7 +33,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
     cls_cfg.data = ml_collections.ConfigDict(seg_cfg.data.to_dict())
     reuse = config.get("segmenter_workdir")
     if reuse:
-        seg_dir = pathlib.Path(reuse).expanduser()
+        seg_dir = pathlib.Path(reuse).expanduser().absolute()
         seg = _finished_segmenter(seg_dir, seg_cfg)
     else:
         seg_dir = workdir / "segmenter"

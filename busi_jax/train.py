@@ -613,8 +613,6 @@ def train_and_evaluate(
     """
     validate_config(config)
     task = make_task(config, model, loss_fn)
-    workdir = check_workdir(workdir, config)
-
     if (
         config.task == "classification"
         and config.classifier.mask_source == "predicted"
@@ -636,6 +634,9 @@ def train_and_evaluate(
         raise ConfigError(
             f"config.batch_size={config.batch_size} exceeds the {n_train} training scans"
         )
+    # The data are loaded before the workdir is touched, so a missing or bad
+    # dataset (or a bad segmenter_workdir) leaves nothing behind.
+    workdir = check_workdir(workdir, config)
     steps_per_epoch = n_train // config.batch_size
 
     mesh = Mesh(np.array(jax.devices()), ("data",))

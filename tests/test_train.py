@@ -126,12 +126,14 @@ def test_launch_reports_bad_config_in_one_line(tiny_data_dir, tmp_path, override
 
 def test_launch_without_busi_says_how_to_get_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "BUSI_MANUAL_DIR"}
+    # An empty data_dir: a BUSI build left by an earlier run must not count.
     r = subprocess.run(
         [
             sys.executable,
             str(ROOT / "launch.py"),
             f"--config={ROOT / 'configs' / 'unetpp.py'}",
             f"--workdir={tmp_path / 'wd'}",
+            f"--config.data.data_dir={tmp_path / 'tfds'}",
         ],
         cwd=ROOT,
         env=env,
@@ -142,6 +144,7 @@ def test_launch_without_busi_says_how_to_get_it(tmp_path):
     assert r.returncode == 1
     assert "needs the BUSI dataset" in r.stderr and "BUSI_MANUAL_DIR" in r.stderr
     assert "Traceback" not in r.stderr
+    assert not (tmp_path / "wd").exists()
 
 
 def test_unwritable_workdir(tiny_data_dir, tmp_path):
