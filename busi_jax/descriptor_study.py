@@ -1,0 +1,166 @@
+"""How the BI-RADS descriptors relate to benign vs malignant on a BUSI build, and
+whether they add to the classifier.
+
+    python -m busi_jax.descriptor_study --workdir=PIPELINE_DIR --manual_dir=DIR --output=FILE.json
+
+Descriptors are measured on the original-size scans (read from the BUSI
+folder) with the segmenter's predicted mask resized back, as predict does.
+Two questions:
+
+1. Association: for each categorical descriptor, the share of malignant
+   lesions per category, on every benign/malignant scan of the dataset.
+2. Added value, without leakage: a logistic regression on the numeric
+   descriptors is fitted on the ``train`` split and scored on ``test``; a
+   second one adds the classifier's logit. Both are fitted on train only;
+   the test split is touched once.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+from scipy import optimize
+
+from busi_jax import data as data_lib
+from busi_jax import descriptors as desc_lib
+from busi_jax import evaluate
+from busi_jax import inference
+from busi_jax import io as busi_io
+from busi_jax import metrics
+from busi_jax import postprocess as pp
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> np.ndarray:
+    """L2-regularised logistic regression; returns weights with the bias last."""
+    xb = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+    def loss(w):
+        z = xb @ w
+        nll = np.sum(np.logaddexp(0, z) - y * z)
+        return nll + 0.5 * l2 * np.sum(w[:-1] ** 2)
+
+    def grad(w):
+        p = 1 / (1 + np.exp(-(xb @ w)))
+        g = xb.T @ (p - y)
+        g[:-1] += l2 * w[:-1]
+        return g
+
+    return optimize.minimize(loss, np.zeros(xb.shape[1]), jac=grad, method="L-BFGS-B").x
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray):
+    """Fills NaN with the train median and scales by train statistics."""
+    med = np.nanmedian(train, axis=0)
+    med = np.where(np.isfinite(med), med, 0.0)
+    filled = [np.where(np.isfinite(a), a, med) for a in (train, *others)]
+    mu, sd = filled[0].mean(0), filled[0].std(0)
+    sd = np.where(sd > 1e-9, sd, 1.0)
+    return [(a - mu) / sd for a in filled]
+
+
+def study(workdir: str, manual_dir: str) -> dict:
+    parts = evaluate.resolve(workdir)
+    seg_dir, cls_dir = parts["segmenter"], parts["classifier"]
+    config = inference.load_config(seg_dir)
+    size = int(config.data.image_size)
+    seg = evaluate.segmenter_probs(seg_dir)
+    cls = evaluate.classifier_logits(cls_dir)
+    val = data_lib.load_split(config.data, "validation")
+    pp_cfg, _ = pp.choose_on_validation(seg(val["image"]), val["mask"][..., 0] > 0)
+
+    originals = {r.file_name: r for r in busi_io.list_scans(manual_dir)}
+    rows = []
+    for split in ("train", "validation", "test"):
+        arrays = data_lib.load_split(config.data, split)
+        lesion = arrays["label"] > 0
+        images = arrays["image"][lesion]
+        masks = pp.apply(seg(images), pp_cfg)
+        logits = cls(images, masks[..., None].astype(np.uint8))
+        for name, label, m, logit in zip(
+            arrays["file_name"][lesion], arrays["label"][lesion], masks, logits
+        ):
+            record = originals[str(name)]
+            image = busi_io.read_scan(record.image_path)
+            d = desc_lib.describe(image, busi_io.resize_mask(m, image.shape))
+            rows.append(
+                {
+                    "split": split,
+                    "file": str(name),
+                    "malignant": int(label == 2),
+                    "logit": float(logit),
+                    "desc": d,
+                }
+            )
+
+    assoc = {}
+    for field in ("shape", "orientation", "margin", "margin_detail", "echo_pattern", "posterior"):
+        counts = collections.defaultdict(lambda: [0, 0])
+        for r in rows:
+            counts[str(r["desc"].get(field))][r["malignant"]] += 1
+        assoc[field] = {
+            k: {"benign": b, "malignant": mal, "malignant_share": round(mal / (b + mal), 3)}
+            for k, (b, mal) in sorted(counts.items())
+        }
+
+    def arrays_of(split):
+        sel = [r for r in rows if r["split"] == split]
+        x = np.stack([desc_lib.feature_vector(r["desc"]) for r in sel]).astype(np.float64)
+        # Spacing is unknown for BUSI: the mm features are all NaN; drop them.
+        keep = [
+            i
+            for i, n in enumerate(desc_lib.FEATURE_NAMES)
+            if not n.endswith("mm2") and not n.endswith("_mm")
+        ]
+        return (
+            x[:, keep],
+            np.array([r["logit"] for r in sel]),
+            np.array([r["malignant"] for r in sel]),
+        )
+
+    xtr, ltr, ytr = arrays_of("train")
+    xte, lte, yte = arrays_of("test")
+    xtr_s, xte_s = _standardise(xtr, xte)
+    w_desc = _logistic_fit(xtr_s, ytr)
+    score_desc = np.concatenate([xte_s, np.ones((len(xte_s), 1))], 1) @ w_desc
+    both_tr = np.concatenate([xtr_s, ltr[:, None]], 1)
+    both_te = np.concatenate([xte_s, lte[:, None]], 1)
+    w_both = _logistic_fit(both_tr, ytr)
+    score_both = np.concatenate([both_te, np.ones((len(both_te), 1))], 1) @ w_both
+    return {
+        "data": f"busi/{size} from {manual_dir}; descriptors on original-size scans with predicted masks",
+        "postprocess": pp_cfg.describe(),
+        "n_lesion_scans": {
+            s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")
+        },
+        "association_all_splits": assoc,
+        "test_auc": {
+            "classifier": metrics.roc_auc(lte, yte),
+            "descriptors_logistic": metrics.roc_auc(score_desc, yte),
+            "classifier_plus_descriptors_logistic": metrics.roc_auc(score_both, yte),
+        },
+        "train_auc_classifier": metrics.roc_auc(ltr, ytr),
+    }
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, "Pipeline workdir (segmenter + classifier).")
+    flags.DEFINE_string("manual_dir", None, "The BUSI folder the dataset was built from.")
+    flags.DEFINE_string("output", None, "JSON path.")
+    flags.mark_flags_as_required(["workdir", "manual_dir", "output"])
+    FLAGS = flags.FLAGS
+
+    def run(_):
+        from busi_jax import cli
+
+        out = cli.run_command(study, FLAGS.workdir, FLAGS.manual_dir)
+        busi_io.atomic_write_json(FLAGS.output, out)
+        print(out["test_auc"])
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
