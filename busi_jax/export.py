@@ -8,7 +8,8 @@ probabilities), ``classifier.jaxexport`` when the workdir has a classifier
 threshold, post-processing, classifier input mode). The weights are baked into
 the serialized computations, so :func:`load` runs them with JAX alone -- no
 model code, no Flax, no checkpoint. The batch dimension is symbolic: any batch
-size works.
+size works. ``--tflite`` also writes TFLite models (batch 1) through jax2tf,
+for devices without JAX; that path needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -128,6 +129,53 @@ def export(
     return pathlib.Path(output)
 
 
+def export_tflite(
+    workdir: str | os.PathLike[str], prefix: str | os.PathLike[str]
+) -> list[pathlib.Path]:
+    """Also writes TFLite models (batch 1) for low-resource devices.
+
+    Needs TensorFlow (the ``build`` or ``test`` extras); the conversion goes
+    through ``jax2tf`` with non-native serialization, which TFLite's converter
+    accepts. Writes ``<prefix>.segmenter.tflite`` (scan -> probabilities
+    ``[1, S, S]``) and, with a classifier, ``<prefix>.classifier.tflite``
+    (scan, mask -> ``[1]`` malignancy probability); inputs float32 in [0, 1].
+
+    Returns:
+      The paths written.
+    """
+    import tensorflow as tf
+    from jax.experimental import jax2tf
+
+    from busi_jax import evaluate
+
+    parts = evaluate.resolve(workdir)
+    jobs = []
+    seg_dir = parts["segmenter"] or parts["multitask"]
+    if seg_dir is not None:
+        fn, config = _segmenter_fn(seg_dir)
+        jobs.append(("segmenter", fn, int(config.data.image_size), 1))
+    if parts["classifier"] is not None:
+        fn, config = _classifier_fn(parts["classifier"])
+        jobs.append(("classifier", fn, int(config.data.image_size), 2))
+    written = []
+    for name, fn, s, n_inputs in jobs:
+        spec = [tf.TensorSpec((1, s, s, 1), tf.float32)] * n_inputs
+        tf_fn = tf.function(
+            jax2tf.convert(fn, native_serialization=False), autograph=False, input_signature=spec
+        )
+        converter = tf.lite.TFLiteConverter.from_concrete_functions(
+            [tf_fn.get_concrete_function()], tf_fn
+        )
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS,
+            tf.lite.OpsSet.SELECT_TF_OPS,
+        ]
+        path = pathlib.Path(f"{prefix}.{name}.tflite")
+        busi_io.atomic_write_bytes(path, converter.convert())
+        written.append(path)
+    return written
+
+
 class Artifact:
     """A loaded artifact: ``segment`` and ``classify`` as plain functions.
 
@@ -192,6 +240,11 @@ def main(argv=None) -> None:
     flags.DEFINE_enum(
         "postprocess", "auto", ["auto", "none"], "Record post-processing chosen on validation."
     )
+    flags.DEFINE_bool(
+        "tflite",
+        False,
+        "Also write OUTPUT.segmenter.tflite / .classifier.tflite (needs TensorFlow).",
+    )
     flags.mark_flags_as_required(["workdir", "output"])
     FLAGS = flags.FLAGS
 
@@ -200,6 +253,9 @@ def main(argv=None) -> None:
 
         path = cli.run_command(export, FLAGS.workdir, FLAGS.output, postprocess=FLAGS.postprocess)
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if FLAGS.tflite:
+            for p in cli.run_command(export_tflite, FLAGS.workdir, FLAGS.output):
+                print(f"wrote {p} ({p.stat().st_size / 1e6:.1f} MB)")
 
     app.run(run, argv=argv)
 

@@ -61,3 +61,19 @@ def test_bad_artifact_is_one_clear_error(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(BusiDataError, match="not a busi-jax export artifact"):
         export.load(bad)
+
+
+def test_tflite_matches_in_memory_model(artifact, tmp_path):
+    tf = pytest.importorskip("tensorflow")  # In the test extras; absent from a runtime install.
+    workdir, _ = artifact
+    paths = export.export_tflite(workdir, tmp_path / "model")
+    assert sorted(p.name for p in paths) == ["model.classifier.tflite", "model.segmenter.tflite"]
+    arrays = data.load_split(inference.load_config(workdir / "segmenter").data, "test")
+    image = arrays["image"][:1]
+    ref = evaluate.segmenter_probs(workdir / "segmenter")(image)
+    interp = tf.lite.Interpreter(model_path=str(tmp_path / "model.segmenter.tflite"))
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], image.astype(np.float32) / 255.0)
+    interp.invoke()
+    got = interp.get_tensor(interp.get_output_details()[0]["index"])
+    np.testing.assert_allclose(got, ref, atol=1e-4)
