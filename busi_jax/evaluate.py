@@ -243,15 +243,17 @@ def evaluate(
         "class": [busi_io.CLASS_NAMES[i] for i in target["label"]],
     }
 
-    pred_masks = None
+    # Each split goes through the segmenter once; its masks serve both the
+    # segmentation scores and the classifier.
+    pred_masks = val_masks = None
     if seg_fn is not None:
         pp_cfg = pp.PostprocessConfig(threshold=float(config.get("threshold", 0.5)))
+        val_probs = seg_fn(val["image"])
         if postprocess == "auto":
-            val_probs = seg_fn(val["image"])
             pp_cfg, _ = pp.choose_on_validation(val_probs, val["mask"][..., 0] > 0)
         protocol["postprocess"] = pp_cfg.describe()
-        probs = seg_fn(target["image"])
-        pred_masks = pp.apply(probs, pp_cfg)
+        val_masks = pp.apply(val_probs, pp_cfg)
+        pred_masks = pp.apply(seg_fn(target["image"]), pp_cfg)
         truth = target["mask"][..., 0] > 0
         seg_report = evalmetrics.segmentation_report(pred_masks, truth, n_boot=n_boot)
         scores = seg_report.pop("per_scan")
@@ -263,9 +265,7 @@ def evaluate(
             _segmentation_plots(out_dir, stem, target, truth, pred_masks, scores, seg_report)
 
     if cls_fn is not None:
-        cls_report, probs_all = _classify(
-            cls_fn, seg_fn, parts, val, target, pp_cfg if seg_fn else None, n_boot
-        )
+        cls_report, probs_all = _classify(cls_fn, parts, val, target, val_masks, pred_masks, n_boot)
         report["classification"] = cls_report
         per_scan["malignancy_probability"] = probs_all
         if plots_enabled and "confusion" in cls_report:
@@ -292,21 +292,25 @@ def evaluate(
     return report
 
 
-def _classify(cls_fn, seg_fn, parts, val, target, pp_cfg, n_boot):
-    """Benign-vs-malignant scores on lesion scans, with masks from the segmenter."""
+def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot):
+    """Benign-vs-malignant scores on lesion scans.
 
-    def masks_for(arrays):
-        if seg_fn is None:  # A ground-truth-mask ablation classifier.
-            return arrays["mask"]
-        return pp.apply(seg_fn(arrays["image"]), pp_cfg)[..., None].astype(np.uint8)
-
+    The masks are the segmenter's post-processed predictions (``[N, S, S]``
+    bool), or None for a classifier trained on ground-truth masks, which is
+    then scored on them and labelled as an ablation.
+    """
     cls_cfg = inference.load_config(parts["classifier"] or parts["multitask"])
     mask_source = "predicted"
-    if parts["classifier"] and cls_cfg.classifier.mask_source == "ground_truth":
+    if (
+        parts["classifier"] and cls_cfg.classifier.mask_source == "ground_truth"
+    ) or val_masks is None:
         mask_source = "ground_truth (ablation: not a deployable score)"
-        seg_fn = None
-    val_logits = cls_fn(val["image"], masks_for(val))
-    logits = cls_fn(target["image"], masks_for(target))
+        val_in, target_in = val["mask"], target["mask"]
+    else:
+        val_in = val_masks[..., None].astype(np.uint8)
+        target_in = target_masks[..., None].astype(np.uint8)
+    val_logits = cls_fn(val["image"], val_in)
+    logits = cls_fn(target["image"], target_in)
     lesion_val = val["label"] > 0
     lesion = target["label"] > 0
     probs_all = np.full(len(target["label"]), np.nan)
