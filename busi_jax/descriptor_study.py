@@ -1,7 +1,9 @@
 """How the BI-RADS descriptors relate to benign vs malignant on a BUSI build, and
-whether they add to the classifier.
+whether they add to the classifier; and how well they agree with the synthetic
+phantoms' truth.
 
     python -m busi_jax.descriptor_study --workdir=PIPELINE_DIR --manual_dir=DIR --output=FILE.json
+    python -m busi_jax.descriptor_study --phantom_seeds=2,5,6 --output=FILE.json
 
 Descriptors are measured on the original-size scans (read from the BUSI
 folder) with the segmenter's predicted mask resized back, as predict does.
@@ -18,6 +20,9 @@ Two questions:
 from __future__ import annotations
 
 import collections
+import pathlib
+import sys
+import tempfile
 
 import numpy as np
 from scipy import optimize
@@ -29,6 +34,111 @@ from busi_jax import inference
 from busi_jax import io as busi_io
 from busi_jax import metrics
 from busi_jax import postprocess as pp
+from busi_jax import synthetic
+
+# The categorical descriptors, in the order of the agreement table.
+AGREEMENT_FIELDS = (
+    "shape",
+    "orientation",
+    "margin",
+    "margin_detail",
+    "echo_pattern",
+    "heterogeneous",
+    "posterior",
+)
+
+
+def phantom_agreement(
+    out_dir: str | pathlib.Path,
+    seed: int,
+    per_class: int = 40,
+    size_range=((200, 260), (260, 340)),
+) -> dict:
+    """Agreement of each categorical descriptor with the phantoms' truth.
+
+    Generates ``per_class`` benign and malignant phantoms of ``seed`` into
+    ``out_dir`` and describes each with its true mask, at the original size
+    and resized to 128 px (the spacing scaled to match).
+
+    Returns:
+        ``{"original" | "128 px": {field: {"agreement", "judged", "n"}}}``:
+        agreement over the lesions where the descriptor made a call, the share
+        where it did (only heterogeneity abstains, on black lesions), and the
+        number of lesions.
+    """
+    out_dir = pathlib.Path(out_dir)
+    synthetic.generate(
+        out_dir,
+        num_normal=0,
+        num_benign=per_class,
+        num_malignant=per_class,
+        seed=seed,
+        size_range=size_range,
+        duplicate_fraction=0.0,
+    )
+    truth = synthetic.load_truth(out_dir)
+    hits = {"original": collections.defaultdict(list), "128 px": collections.defaultdict(list)}
+    for key, rec in sorted(truth.items()):
+        image = busi_io.read_scan(out_dir / key)
+        mask = np.zeros(image.shape, bool)
+        for name in rec["masks"]:
+            mask |= busi_io.read_mask(out_dir / name)
+        h, w = image.shape
+        sp = rec["pixel_spacing_mm"]
+        small = (
+            busi_io.resize_image(image, 128),
+            busi_io.resize_mask(mask, 128),
+            (sp * h / 128, sp * w / 128),
+        )
+        for res, args in (("original", (image, mask, sp)), ("128 px", small)):
+            d = desc_lib.describe(*args)
+            for f in AGREEMENT_FIELDS:
+                hits[res][f].append(None if d[f] is None else d[f] == rec[f])
+    return {
+        res: {
+            f: {
+                "agreement": float(np.mean([h for h in v if h is not None] or [np.nan])),
+                "judged": float(np.mean([h is not None for h in v])),
+                "n": len(v),
+            }
+            for f, v in per.items()
+        }
+        for res, per in hits.items()
+    }
+
+
+def pooled_agreement(tables: dict) -> dict:
+    """:func:`phantom_agreement` results of several seeds pooled over their lesions."""
+    first = next(iter(tables.values()))
+    out: dict = {}
+    for res, per in first.items():
+        out[res] = {}
+        for f in per:
+            cells = [t[res][f] for t in tables.values()]
+            n = sum(c["n"] for c in cells)
+            judged = sum(c["judged"] * c["n"] for c in cells)
+            hits = sum(c["agreement"] * c["judged"] * c["n"] for c in cells if c["judged"])
+            out[res][f] = {
+                "agreement": hits / judged if judged else float("nan"),
+                "judged": judged / n,
+                "n": n,
+            }
+    return out
+
+
+def agreement_table(tables: dict) -> str:
+    """Plain-text table of :func:`phantom_agreement` results, one column per seed."""
+    lines = []
+    for res in ("original", "128 px"):
+        lines.append(f"{res}: agreement (share judged)")
+        lines.append(f"{'descriptor':16s}" + "".join(f"{str(s):>16s}" for s in tables))
+        for f in AGREEMENT_FIELDS:
+            cells = "".join(
+                f"{t[res][f]['agreement']:9.3f} ({t[res][f]['judged']:.2f})"
+                for t in tables.values()
+            )
+            lines.append(f"{f:16s}{cells}")
+    return "\n".join(lines)
 
 
 def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0) -> np.ndarray:
@@ -148,13 +258,41 @@ def main(argv=None) -> None:
 
     flags.DEFINE_string("workdir", None, "Pipeline workdir (segmenter + classifier).")
     flags.DEFINE_string("manual_dir", None, "The BUSI folder the dataset was built from.")
+    flags.DEFINE_list(
+        "phantom_seeds", None, "Instead of BUSI: agreement with the truth of these phantom seeds."
+    )
+    flags.DEFINE_integer("phantoms_per_class", 40, "Benign and malignant phantoms per seed.")
     flags.DEFINE_string("output", None, "JSON path.")
-    flags.mark_flags_as_required(["workdir", "manual_dir", "output"])
+    flags.mark_flags_as_required(["output"])
     FLAGS = flags.FLAGS
+
+    def phantoms():
+        seeds = [int(s) for s in FLAGS.phantom_seeds]
+        tables = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for s in seeds:
+                tables[s] = phantom_agreement(
+                    pathlib.Path(tmp) / f"seed{s}", s, FLAGS.phantoms_per_class
+                )
+        return tables
 
     def run(_):
         from busi_jax import cli
 
+        if FLAGS.phantom_seeds:
+            tables = cli.run_command(phantoms)
+            out = {f"seed {k}": v for k, v in tables.items()}
+            if len(tables) > 1:
+                out["pooled"] = pooled_agreement(tables)
+            busi_io.atomic_write_json(FLAGS.output, out)
+            print(agreement_table(out))
+            return
+        if not (FLAGS.workdir and FLAGS.manual_dir):
+            print(
+                "error: --workdir and --manual_dir are needed without --phantom_seeds",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         out = cli.run_command(study, FLAGS.workdir, FLAGS.manual_dir)
         busi_io.atomic_write_json(FLAGS.output, out)
         print(out["test_auc"])
