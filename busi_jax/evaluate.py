@@ -32,6 +32,7 @@ import numpy as np
 from busi_jax import checkpoints as ckpt_lib
 from busi_jax import data as data_lib
 from busi_jax import evalmetrics
+from busi_jax import gradcam
 from busi_jax import inference
 from busi_jax import io as busi_io
 from busi_jax import models as models_lib
@@ -281,6 +282,8 @@ def evaluate(
             plots.plot_reliability(p, y, out_dir / f"{stem}_reliability.png")
             plots.plot_roc_pr(p, y, out_dir / f"{stem}_roc_pr.png")
     report["protocol"] = protocol
+    if plots_enabled and parts["segmenter"] and pred_masks is not None:
+        _gradcam_plot(out_dir, stem, parts, target, pred_masks, per_scan)
     if plots_enabled:
         for role, path in parts.items():
             if path is not None and (path / "metrics.jsonl").exists():
@@ -369,6 +372,29 @@ def _segmentation_plots(out_dir, stem, target, truth, pred, scores, seg_report):
             titles,
             out_dir / f"{stem}_contours.png",
         )
+
+
+def _gradcam_plot(out_dir, stem, parts, target, pred, per_scan) -> None:
+    """Grad-CAM of the segmenter (and classifier) on the best, median and worst scans."""
+    lesion = np.flatnonzero(target["label"] > 0)
+    if not len(lesion):
+        return
+    cases = plots.pick_cases(np.asarray(per_scan["dice"])[lesion], min(2, len(lesion)))
+    idx = np.concatenate([lesion[cases[k]] for k in ("best", "median", "worst")])
+    seg_cam, cls_cam = gradcam.workdir_cams(parts["segmenter"], parts["classifier"])(
+        target["image"][idx], pred[idx]
+    )
+    cams = {"segmenter Grad-CAM": seg_cam}
+    if cls_cam is not None:
+        cams["classifier Grad-CAM"] = cls_cam
+    titles = [
+        f"{kind} Dice: {target['file_name'][i]}"
+        for kind in ("best", "median", "worst")
+        for i in lesion[cases[kind]]
+    ]
+    plots.plot_gradcam_grid(
+        target["image"][idx], pred[idx], cams, titles, out_dir / f"{stem}_gradcam.png"
+    )
 
 
 def _write_csv(path: pathlib.Path, columns: dict) -> None:

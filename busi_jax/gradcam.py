@@ -61,6 +61,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from busi_jax.models.blocks import CAM_PREFIX
 from busi_jax.models.multitask import MultiTaskUNet
@@ -299,3 +300,37 @@ def make_gradcam(
         )
 
     return cam_fn
+
+
+def workdir_cams(seg_dir, cls_dir=None) -> Callable[..., tuple[np.ndarray, np.ndarray | None]]:
+    """Grad-CAM of a trained segmenter (and classifier) loaded from their workdirs.
+
+    Args:
+      seg_dir: segmenter workdir (best checkpoint).
+      cls_dir: classifier workdir, or None.
+
+    Returns:
+      ``f(images, masks) -> (seg_cam, cls_cam)``: ``images`` ``[N, S, S, 1]``
+      uint8, ``masks`` ``[N, S, S]`` bool (the classifier's input masks, i.e.
+      the predicted ones); maps ``[N, S, S]`` in [0, 1]; ``cls_cam`` is None
+      without a classifier.
+    """
+    from busi_jax import inference
+    from busi_jax import models as models_lib
+
+    _, seg_model, seg_vars = inference.load_model(seg_dir)
+    cls = inference.load_model(cls_dir) if cls_dir else None
+
+    def run(images, masks):
+        x = jnp.asarray(images, jnp.float32) / 255.0
+        seg_cam = np.asarray(gradcam(seg_model, seg_vars, x, target="segmentation"))
+        cls_cam = None
+        if cls is not None:
+            config, model, variables = cls
+            inp = models_lib.classifier_inputs(
+                x, jnp.asarray(masks[..., None], jnp.float32), config.classifier.input_mode
+            )
+            cls_cam = np.asarray(gradcam(model, variables, inp, target="classification"))
+        return seg_cam, cls_cam
+
+    return run

@@ -406,3 +406,46 @@ def plot_heatmap_overlay(
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, out_path)
+
+
+def plot_gradcam_grid(
+    images: np.ndarray,
+    pred: np.ndarray,
+    cams: Mapping[str, np.ndarray],
+    titles: Sequence[str] | None,
+    out_path: PathLike,
+    *,
+    alpha: float = 0.45,
+) -> pathlib.Path:
+    """One row per scan: the scan with its predicted contour, then each Grad-CAM.
+
+    Args:
+        images: ``[N, H, W]`` (or ``[N, H, W, 1]``) uint8 scans.
+        pred: ``[N, H, W]`` bool predicted masks, outlined on every panel.
+        cams: column title -> ``[N, H, W]`` heat maps in [0, 1] (e.g.
+            ``{"segmenter Grad-CAM": ..., "classifier Grad-CAM": ...}``).
+        titles: ``N`` row titles, or None.
+        out_path: PNG to write.
+        alpha: heat-map opacity.
+    """
+    images, pred = _squeeze(images), _squeeze(pred)
+    n, ncols = len(images), 1 + len(cams)
+    for name, cam in cams.items():
+        if np.shape(cam) != images.shape:
+            raise ValueError(f"{name}: shape {np.shape(cam)} differs from {images.shape}")
+    fig = _figure(2.4 * ncols, 2.6 * max(n, 1))
+    axes = fig.subplots(max(n, 1), ncols, squeeze=False)
+    jet = matplotlib.colormaps["jet"]
+    for i in range(n):
+        row = axes[i]
+        row[0].imshow(images[i], cmap="gray", vmin=0, vmax=255)
+        _contours(row[0], pred[i], "red", None)
+        row[0].set_title(str(titles[i]) if titles is not None else "scan", fontsize=7)
+        for ax, (name, cam) in zip(row[1:], cams.items()):
+            ax.imshow(images[i], cmap="gray", vmin=0, vmax=255)
+            ax.imshow(np.clip(cam[i], 0, 1), cmap=jet, vmin=0, vmax=1, alpha=alpha)
+            _contours(ax, pred[i], "white", None)
+            ax.set_title(name, fontsize=7)
+        for ax in row:
+            ax.set_axis_off()
+    return _save(fig, out_path)

@@ -49,8 +49,7 @@ class _Engine:
             self.notes.append("Grad-CAM is not available from an exported artifact.")
             return
         from busi_jax import data as data_lib
-        from busi_jax import evaluate
-        from busi_jax import inference
+        from busi_jax import evaluate, gradcam, inference
 
         parts = evaluate.resolve(workdir)
         seg_dir = parts["segmenter"] or parts["multitask"]
@@ -81,33 +80,7 @@ class _Engine:
             self.notes.append(
                 f"Post-processing not tuned (validation split unavailable: {type(e).__name__})."
             )
-        self.cam = _gradcam_fn(seg_dir, parts["classifier"])
-
-
-def _gradcam_fn(seg_dir, cls_dir):
-    """``(images [N,S,S,1] uint8, masks [N,S,S] bool) -> (seg_cam, cls_cam or None)``."""
-    import jax.numpy as jnp
-
-    from busi_jax import gradcam
-    from busi_jax import inference
-    from busi_jax import models as models_lib
-
-    _, seg_model, seg_vars = inference.load_model(seg_dir)
-    cls = inference.load_model(cls_dir) if cls_dir else None
-
-    def run(images, masks):
-        x = jnp.asarray(images, jnp.float32) / 255.0
-        seg_cam = np.asarray(gradcam.gradcam(seg_model, seg_vars, x, target="segmentation"))
-        cls_cam = None
-        if cls is not None:
-            config, model, variables = cls
-            inp = models_lib.classifier_inputs(
-                x, jnp.asarray(masks[..., None], jnp.float32), config.classifier.input_mode
-            )
-            cls_cam = np.asarray(gradcam.gradcam(model, variables, inp, target="classification"))
-        return seg_cam, cls_cam
-
-    return run
+        self.cam = gradcam.workdir_cams(seg_dir, parts["classifier"])
 
 
 def _out_stem(out: pathlib.Path, record: busi_io.ScanRecord) -> pathlib.Path:

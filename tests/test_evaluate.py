@@ -37,7 +37,14 @@ def test_evaluate_pipeline_on_test_split(tiny_pipeline, tmp_path):
     rows = list(csv.DictReader((tmp_path / "eval" / "report_per_scan.csv").open()))
     assert len(rows) == sum(proto["scans_per_class"].values())
     assert {"file", "class", "dice", "iou", "malignancy_probability"} <= set(rows[0])
-    for name in ("contours", "pixel_confusion", "class_confusion", "reliability", "roc_pr"):
+    for name in (
+        "contours",
+        "pixel_confusion",
+        "class_confusion",
+        "reliability",
+        "roc_pr",
+        "gradcam",
+    ):
         png = tmp_path / "eval" / f"report_{name}.png"
         assert png.exists() and png.stat().st_size > 1000, name
     assert not [p for p in (tmp_path / "eval").iterdir() if p.name.startswith(".")]

@@ -121,6 +121,21 @@ def test_plot_heatmap_overlay(tmp_path):
     _check_png(plots.plot_heatmap_overlay(image, heat, tmp_path / "o.png", contour=mask), tmp_path)
 
 
+def test_plot_gradcam_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 24, 24), dtype=np.uint8)
+    pred = np.zeros((3, 24, 24), bool)
+    pred[:, 8:16, 8:16] = True
+    cams = {"segmenter": rng.random((3, 24, 24)), "classifier": rng.random((3, 24, 24))}
+    p = plots.plot_gradcam_grid(images, pred, cams, ["a", "b", "c"], tmp_path / "cam.png")
+    _check_png(p, tmp_path)
+    with pytest.raises(ValueError, match="classifier"):
+        plots.plot_gradcam_grid(
+            images, pred, {"classifier": np.zeros((3, 12, 12))}, None, tmp_path / "bad.png"
+        )
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_overwrite_keeps_a_single_file(tmp_path, cls_data):
     target = tmp_path / "roc.png"
     plots.plot_roc_pr(*cls_data, target)
