@@ -114,4 +114,8 @@ def run(config, workdir: str) -> dict:
             from busi_jax import pipeline
 
             return pipeline.run(config, workdir)
+        if task == "table1":
+            from busi_jax import table1
+
+            return table1.run(config, workdir)
         return train.train_and_evaluate(config, workdir)
