@@ -126,6 +126,7 @@ def bench_config(
     batch: int = 16,
     image_size: int = 128,
     depth: int = 4,
+    wgrad_chunks: int = 1,
 ):
     """The training config of one benchmark configuration.
 
@@ -140,6 +141,7 @@ def bench_config(
         batch: training batch.
         image_size: side of the square scans.
         depth: number of 2x downsamplings.
+        wgrad_chunks: the model's batch-chunked weight gradient (1: XLA's own).
     """
     import ml_collections
 
@@ -156,6 +158,7 @@ def bench_config(
             norm="batch",
             upsample="transpose",
             dtype=_DTYPES[precision],
+            wgrad_chunks=wgrad_chunks,
         )
     )
     c.loss = "dice_bce"
@@ -215,6 +218,7 @@ def _jax_setup(
     image_size: int,
     depth: int,
     compile_step: bool = True,
+    wgrad_chunks: int = 1,
 ):
     """Builds and compiles the training loop's step for one configuration.
 
@@ -234,7 +238,15 @@ def _jax_setup(
     from busi_jax import augment as augment_lib
     from busi_jax import train as train_lib
 
-    config = bench_config(model, width, precision, batch=batch, image_size=image_size, depth=depth)
+    config = bench_config(
+        model,
+        width,
+        precision,
+        batch=batch,
+        image_size=image_size,
+        depth=depth,
+        wgrad_chunks=wgrad_chunks,
+    )
     task = train_lib.make_task(config)
     tx = train_lib.make_optimizer(config, steps_per_epoch=1)
     aug_cfg = augment_lib.AugmentConfig.from_config(config.augment)
@@ -317,6 +329,7 @@ def time_jax(
     steps: int = 6,
     warmup: int = 1,
     infer_reps: int = 10,
+    wgrad_chunks: int = 1,
 ) -> dict:
     """Times the JAX train step and batch-1 inference of one configuration.
 
@@ -330,6 +343,8 @@ def time_jax(
         steps: timed train steps (median).
         warmup: untimed steps after compilation.
         infer_reps: timed batch-1 forward passes (median).
+        wgrad_chunks: batch slices of the wider layers' weight gradients
+            (busi_jax.models.conv); shown in the row's layout as "nhwc/wgradN".
 
     Returns:
         A row (see :data:`ROW_FIELDS`) with ``fraction_of_peak`` None (set by
@@ -338,7 +353,7 @@ def time_jax(
     """
     import jax
 
-    setup = _jax_setup(model, width, precision, batch, image_size, depth)
+    setup = _jax_setup(model, width, precision, batch, image_size, depth, wgrad_chunks=wgrad_chunks)
     step, state, idxs = setup["step"], setup["state"], setup["idxs"]
 
     for i in range(warmup):
@@ -374,7 +389,7 @@ def time_jax(
         "peak_rss_mb": _rss_mb(),
         "gflop_per_step": setup["flops"] / 1e9,
         "fraction_of_peak": None,
-        "layout": "nhwc",
+        "layout": "nhwc" if wgrad_chunks <= 1 else f"nhwc/wgrad{wgrad_chunks}",
         "notes": (
             f"{_step_note(times)}; trace+compile {setup['compile_s']:.1f} s;"
             f" jax {jax.__version__}, {jax.devices()[0].platform}"
@@ -842,6 +857,7 @@ def run_benchmark(
     warmup: int = 1,
     infer_reps: int = 10,
     jax_precisions: Sequence[str] = JAX_PRECISIONS,
+    jax_wgrad_chunks: Sequence[int] = (1,),
     torch_variants: Sequence[tuple[str, str]] = TORCH_VARIANTS,
     with_torch: bool = True,
     matmul_n: int = 2048,
@@ -855,6 +871,8 @@ def run_benchmark(
         models, widths: the networks timed (every pair).
         batch, image_size, depth, steps, warmup, infer_reps: see :func:`time_jax`.
         jax_precisions: JAX compute precisions timed.
+        jax_wgrad_chunks: for each precision, a JAX row per value (1: XLA's
+            weight gradient; N: batch-chunked, busi_jax.models.conv).
         torch_variants: ``(precision, layout)`` PyTorch rows.
         with_torch: False skips the PyTorch rows (as does a missing torch).
         matmul_n: side of the square matrices of the peak measurement.
@@ -874,6 +892,7 @@ def run_benchmark(
         warmup=warmup,
         infer_reps=infer_reps,
         jax_precisions=list(jax_precisions),
+        jax_wgrad_chunks=list(jax_wgrad_chunks),
         torch_variants=[list(v) for v in torch_variants],
         loss="dice_bce (bce_weight 0.5)",
         optimizer=f"adam, lr {_LR}",
@@ -920,20 +939,27 @@ def run_benchmark(
             params[key] = {"flax": flax_n, "pytorch": None}
             fp32_flops = None
             for prec in jax_precisions:
-                log(f"jax {model} w{width} {prec}...")
-                try:
-                    row = _measure(
-                        "jax",
-                        dict(model=model, width=width, precision=prec, **common),
-                        inprocess,
-                        worker_timeout,
-                    )
-                    if prec == "fp32":
-                        fp32_flops = row["gflop_per_step"]
-                except Exception as e:  # noqa: BLE001 -- one failed row must not end the run.
-                    log(f"  failed: {e}")
-                    row = _failed_row("jax", model, width, prec, batch, "nhwc", e)
-                rows.append(add_fraction_of_peak(row, peaks["peak"]))
+                for chunks in jax_wgrad_chunks:
+                    log(f"jax {model} w{width} {prec} wgrad_chunks={chunks}...")
+                    try:
+                        row = _measure(
+                            "jax",
+                            dict(
+                                model=model,
+                                width=width,
+                                precision=prec,
+                                wgrad_chunks=chunks,
+                                **common,
+                            ),
+                            inprocess,
+                            worker_timeout,
+                        )
+                        if prec == "fp32":
+                            fp32_flops = row["gflop_per_step"]
+                    except Exception as e:  # noqa: BLE001 -- one failed row must not end the run.
+                        log(f"  failed: {e}")
+                        row = _failed_row("jax", model, width, prec, batch, "nhwc", e)
+                    rows.append(add_fraction_of_peak(row, peaks["peak"]))
             if fp32_flops is None and torch_variants:
                 try:
                     fp32_flops = (
@@ -1094,6 +1120,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--matmul_n", type=int, default=2048)
+    p.add_argument(
+        "--jax_wgrad_chunks",
+        type=_csv(int),
+        default=[1],
+        help="JAX rows per precision: weight-gradient batch slices (1 = XLA's own)",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument(
         "--inprocess", action="store_true", help="no subprocess per row (RSS then accumulates)"
@@ -1123,6 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup,
         infer_reps=args.infer_reps,
         jax_precisions=("fp32",) if args.quick else JAX_PRECISIONS,
+        jax_wgrad_chunks=args.jax_wgrad_chunks,
         torch_variants=QUICK_TORCH_VARIANTS if args.quick else TORCH_VARIANTS,
         with_torch=not args.no_torch,
         matmul_n=args.matmul_n,

@@ -140,3 +140,16 @@ def test_torch_row_schema():
     assert row["framework"] == "pytorch" and row["train_img_per_s"] > 0
     with pytest.raises(AssertionError, match="parameters"):
         bench.time_torch("unet", 4, "fp32", "nchw", steps=1, expected_params=1, **TINY)
+
+
+def test_wgrad_chunk_rows(tmp_path):
+    """--jax_wgrad_chunks adds a JAX row per value, labelled in its layout."""
+    out = tmp_path / "bench.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torch", None)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            status = bench.main([*TINY_ARGS, "--jax_wgrad_chunks=1,2", f"--output={out}"])
+    assert status == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["nhwc", "nhwc/wgrad2"]
+    assert all(r["train_img_per_s"] > 0 for r in rows)

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from busi_jax.models.conv import chunked_conv
+
 Dtype = Any
 
 NORMS = ("batch", "group", "none")
@@ -53,9 +55,14 @@ def conv(
     use_bias: bool = True,
     dilation: int = 1,
     dtype: Dtype = jnp.float32,
+    wgrad_chunks: int = 1,
     name: str | None = None,
 ) -> nn.Conv:
-    """A 'SAME'-padded square convolution with He init and float32 params."""
+    """A 'SAME'-padded square convolution with He init and float32 params.
+
+    ``wgrad_chunks > 1`` computes its weight gradient in that many batch
+    slices (:mod:`busi_jax.models.conv`); the result is the same.
+    """
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -65,8 +72,17 @@ def conv(
         dtype=dtype,
         param_dtype=PARAM_DTYPE,
         kernel_init=HE_INIT,
+        conv_general_dilated=chunked_conv(wgrad_chunks) if wgrad_chunks > 1 else None,
         name=name,
     )
+
+
+# Layers whose weight gradient is computed in batch slices when a model sets
+# wgrad_chunks: at least this many channels and at most this many pixels.
+# Measured on 2 CPU cores, batch 16, 8 slices: 32 ch at 64x64 2.2x faster,
+# 64 ch at 32x32 2.4x, 128 ch at 16x16 1.1x; 16 ch at 128x128 2x slower.
+WGRAD_MIN_FEATURES = 32
+WGRAD_MAX_PIXELS = 64 * 64
 
 
 def apply_norm(
@@ -224,6 +240,9 @@ class ConvBlock(nn.Module):
       se_reduction: SE reduction ratio.
       norm_groups: upper bound on GroupNorm groups.
       dtype: compute dtype.
+      wgrad_chunks: batch slices for the weight gradients of layers with at
+        least WGRAD_MIN_FEATURES channels on at most WGRAD_MAX_PIXELS pixels
+        (1: XLA's own); outputs and parameters do not change.
     """
 
     features: int
@@ -232,13 +251,22 @@ class ConvBlock(nn.Module):
     se_reduction: int = 16
     norm_groups: int = 8
     dtype: Dtype = jnp.float32
+    wgrad_chunks: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Args: x ``[B, H, W, C_in]``. Returns: ``[B, H, W, features]``."""
+        chunks = self.wgrad_chunks
+        if self.features < WGRAD_MIN_FEATURES or x.shape[1] * x.shape[2] > WGRAD_MAX_PIXELS:
+            chunks = 1
         for i in range(2):
             x = conv(
-                self.features, 3, use_bias=self.norm == "none", dtype=self.dtype, name=f"conv{i}"
+                self.features,
+                3,
+                use_bias=self.norm == "none",
+                dtype=self.dtype,
+                wgrad_chunks=chunks,
+                name=f"conv{i}",
             )(x)
             x = apply_norm(
                 self.norm, x, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
@@ -258,7 +286,8 @@ class DilatedBottleneck(nn.Module):
     Attributes:
       features: output channels.
       dilations: dilation rate of each conv in the cascade.
-      norm, se, se_reduction, norm_groups, dtype: as in :class:`ConvBlock`.
+      norm, se, se_reduction, norm_groups, dtype, wgrad_chunks: as in
+        :class:`ConvBlock`.
     """
 
     features: int
@@ -268,6 +297,7 @@ class DilatedBottleneck(nn.Module):
     se_reduction: int = 16
     norm_groups: int = 8
     dtype: Dtype = jnp.float32
+    wgrad_chunks: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -283,6 +313,7 @@ class DilatedBottleneck(nn.Module):
                 use_bias=self.norm == "none",
                 dilation=int(d),
                 dtype=self.dtype,
+                wgrad_chunks=self.wgrad_chunks,
                 name=f"conv{i}",
             )(y)
             y = apply_norm(

@@ -67,6 +67,7 @@ class UNetEncoder(nn.Module):
     dilated_bottleneck: bool = False
     dilations: Sequence[int] = (1, 2, 4)
     dtype: Dtype = jnp.float32
+    wgrad_chunks: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[list[jax.Array], jax.Array]:
@@ -87,6 +88,7 @@ class UNetEncoder(nn.Module):
             se_reduction=self.se_reduction,
             norm_groups=self.norm_groups,
             dtype=self.dtype,
+            wgrad_chunks=self.wgrad_chunks,
         )
         skips = []
         for i in range(self.depth):
@@ -125,6 +127,7 @@ class UNetDecoder(nn.Module):
     norm_groups: int = 8
     attention: bool = False
     dtype: Dtype = jnp.float32
+    wgrad_chunks: int = 1
 
     @nn.compact
     def __call__(self, skips: Sequence[jax.Array], x: jax.Array, train: bool = False) -> jax.Array:
@@ -154,6 +157,7 @@ class UNetDecoder(nn.Module):
                 se_reduction=self.se_reduction,
                 norm_groups=self.norm_groups,
                 dtype=self.dtype,
+                wgrad_chunks=self.wgrad_chunks,
                 name=f"dec{i}",
             )(x, train)
         return x
@@ -189,6 +193,9 @@ class UNet(nn.Module):
       dilations: dilation rates of that cascade.
       dtype: compute dtype (params are float32 regardless; the 1x1 head runs
         in float32 so the logits keep full precision).
+      wgrad_chunks: batch slices for the weight gradient of the wider,
+        coarser convolutions (see :class:`busi_jax.models.blocks.ConvBlock`);
+        a speed setting: outputs and parameters do not change.
     """
 
     depth: int = 4
@@ -203,6 +210,7 @@ class UNet(nn.Module):
     dilated_bottleneck: bool = False
     dilations: Sequence[int] = (1, 2, 4)
     dtype: Dtype = jnp.float32
+    wgrad_chunks: int = 1
 
     def __post_init__(self):
         _check_common(self.depth, self.features, self.norm, self.se, self.upsample)
@@ -219,6 +227,7 @@ class UNet(nn.Module):
             dilated_bottleneck=self.dilated_bottleneck,
             dilations=tuple(self.dilations),
             dtype=self.dtype,
+            wgrad_chunks=self.wgrad_chunks,
             name="encoder",
         )
 
@@ -233,6 +242,7 @@ class UNet(nn.Module):
             norm_groups=self.norm_groups,
             attention=self.attention,
             dtype=self.dtype,
+            wgrad_chunks=self.wgrad_chunks,
             name="decoder",
         )
 

@@ -90,7 +90,7 @@ class UNetPlusPlus(nn.Module):
       features: base width (doubles at each level).
       out_channels: logit channels.
       norm, norm_groups, upsample, se, se_reduction, dilated_bottleneck,
-        dilations, dtype: as in :class:`busi_jax.models.unet.UNet` (the
+        dilations, dtype, wgrad_chunks: as in :class:`busi_jax.models.unet.UNet` (the
         dilated bottleneck replaces ``X^{L,0}``). Attention gates are not
         offered: the dense skip pathways already re-weight encoder features.
       deep_supervision: heads on every ``X^{0,j}``. With ``train=True`` the
@@ -117,6 +117,7 @@ class UNetPlusPlus(nn.Module):
     deep_supervision: bool = False
     ds_inference: Any = "mean"
     dtype: Dtype = jnp.float32
+    wgrad_chunks: int = 1
 
     def __post_init__(self):
         _check_common(self.depth, self.features, self.norm, self.se, self.upsample)
@@ -160,6 +161,7 @@ class UNetPlusPlus(nn.Module):
             se_reduction=self.se_reduction,
             norm_groups=self.norm_groups,
             dtype=self.dtype,
+            wgrad_chunks=self.wgrad_chunks,
         )
         nodes: dict[tuple[int, int], jax.Array] = {}
         h = x
