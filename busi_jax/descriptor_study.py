@@ -36,8 +36,8 @@ from busi_jax import metrics
 from busi_jax import postprocess as pp
 from busi_jax import synthetic
 
-# The categorical descriptors, in the order of the agreement table.
-AGREEMENT_FIELDS = (
+# The categorical descriptors, in the order of the agreement and association tables.
+CATEGORICAL_FIELDS = (
     "shape",
     "orientation",
     "margin",
@@ -92,7 +92,7 @@ def phantom_agreement(
         )
         for res, args in (("original", (image, mask, sp)), ("128 px", small)):
             d = desc_lib.describe(*args)
-            for f in AGREEMENT_FIELDS:
+            for f in CATEGORICAL_FIELDS:
                 hits[res][f].append(None if d[f] is None else d[f] == rec[f])
     return {
         res: {
@@ -132,7 +132,7 @@ def agreement_table(tables: dict) -> str:
     for res in ("original", "128 px"):
         lines.append(f"{res}: agreement (share judged)")
         lines.append(f"{'descriptor':16s}" + "".join(f"{str(s):>16s}" for s in tables))
-        for f in AGREEMENT_FIELDS:
+        for f in CATEGORICAL_FIELDS:
             cells = "".join(
                 f"{t[res][f]['agreement']:9.3f} ({t[res][f]['judged']:.2f})"
                 for t in tables.values()
@@ -204,7 +204,7 @@ def study(workdir: str, manual_dir: str) -> dict:
             )
 
     assoc = {}
-    for field in ("shape", "orientation", "margin", "margin_detail", "echo_pattern", "posterior"):
+    for field in CATEGORICAL_FIELDS:
         counts = collections.defaultdict(lambda: [0, 0])
         for r in rows:
             counts[str(r["desc"].get(field))][r["malignant"]] += 1
