@@ -37,15 +37,7 @@ from busi_jax import postprocess as pp
 from busi_jax import synthetic
 
 # The categorical descriptors, in the order of the agreement and association tables.
-CATEGORICAL_FIELDS = (
-    "shape",
-    "orientation",
-    "margin",
-    "margin_detail",
-    "echo_pattern",
-    "heterogeneous",
-    "posterior",
-)
+CATEGORICAL_FIELDS = desc_lib.DESCRIPTOR_FIELDS
 
 
 def phantom_agreement(
