@@ -37,10 +37,10 @@ from busi_jax import train
 # The paper's Table I (accuracy, precision, recall, F1), quoted from its text
 # (../shared/paper/): random splits of BUSI, no control of near-duplicates.
 PAPER_TABLE_I = {
-    "unet": ("U-Net", (0.9686, 0.89, 0.88, 0.89)),
-    "unetpp": ("U-Net++", (0.9907, 0.97, 0.96, 0.97)),
-    "classifier_gt": ("CNN Classifier", (0.9103, 0.90, 0.91, 0.91)),
-    "pipeline": ("U-Net++ + CNN", (0.9604, 0.88, 0.84, 0.86)),
+    "unet": ("U-Net", ("0.9686", "0.89", "0.88", "0.89")),
+    "unetpp": ("U-Net++", ("0.9907", "0.97", "0.96", "0.97")),
+    "classifier_gt": ("CNN Classifier", ("0.9103", "0.90", "0.91", "0.91")),
+    "pipeline": ("U-Net++ + CNN", ("0.9604", "0.88", "0.84", "0.86")),
 }
 SEGMENTERS = ("unet", "unetpp", "sunet")
 ROW_NAMES = {
@@ -92,6 +92,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
         )
         rows[name] = {"workdir": os.fspath(d), "report": report}
     command = " ".join(shlex.quote(a) for a in sys.argv) if sys.argv else "launch.py"
+    if command.split(" ")[0].endswith(".py"):
+        command = "python " + command
+    if config.data.source == "busi" and not config.data.manual_dir:
+        command = "BUSI_MANUAL_DIR=... " + command
     section = markdown(rows, command, data=_describe_data(config))
     busi_io.atomic_write_json(workdir / "table1.json", rows)
     busi_io.atomic_write_text(workdir / "table1.md", section)
@@ -126,7 +130,7 @@ def table_rows(rows: dict) -> list[list[str]]:
     for name in ("unet", "unetpp", "sunet", "classifier_gt", "pipeline"):
         rep = rows[name]["report"]
         paper = PAPER_TABLE_I.get(name, (None, None))[1]
-        paper_cells = [f"{v:.4g}" for v in paper] if paper else ["—"] * 4
+        paper_cells = list(paper) if paper else ["—"] * 4
         seg, cls = rep.get("segmentation"), rep.get("classification")
         if name in SEGMENTERS:
             ours = [
