@@ -16,13 +16,16 @@ a category with exactly the vocabulary of :mod:`busi_jax.synthetic`'s truth:
   opening, the straight share of the contour, and the fine-scale energy of
   the radial profile (plus turning concentration, for classifiers);
 * echo pattern ('hypoechoic' | 'isoechoic' | 'hyperechoic'), relative to the
-  subcutaneous fat as BI-RADS prescribes, plus internal heterogeneity;
+  subcutaneous fat as BI-RADS prescribes, plus internal heterogeneity (texture
+  coarser than speckle; None, "not assessable", for a lesion that is mostly
+  at the display's black level or too thin to show texture);
 * posterior features ('enhancement' | 'shadowing' | 'none'): the tissue below
   the lesion against the tissue beside it at the same depth.
 
 Every decision threshold lives in :data:`THRESHOLDS` with the reason for its
-value; they were calibrated on synthetic scans of one seed and checked on
-another (see ``tests/test_descriptors.py``).
+value; they were calibrated on synthetic scans of seed 1 (heterogeneity on
+seeds 1, 3 and 4) and are checked on held-out seeds (``tests/test_descriptors.py``;
+``python -m busi_jax.descriptor_study --phantom_seeds=2,5,6,7``).
 
 Coordinates: images are ``[H, W]`` with row 0 at the skin (top). A pixel
 spacing may be anisotropic -- e.g. a scan resized to 128x128 for the model --
