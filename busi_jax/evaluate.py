@@ -386,7 +386,8 @@ def _gradcam_plot(out_dir, stem, parts, target, pred, per_scan) -> None:
     )
     cams = {"segmenter Grad-CAM": seg_cam}
     if cls_cam is not None:
-        cams["classifier Grad-CAM"] = cls_cam
+        # Grad-CAM of the malignant logit: blank where nothing argues for malignancy.
+        cams["classifier Grad-CAM (malignant)"] = cls_cam
     titles = [
         f"{kind} Dice: {target['file_name'][i]}"
         for kind in ("best", "median", "worst")
