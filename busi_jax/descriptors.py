@@ -160,7 +160,7 @@ class Thresholds:
     # Internal texture coarser than speckle: the standard deviation (grey
     # levels) of the lesion's texture that is still correlated at a lag past the
     # speckle grain (see _heterogeneity). Calibration phantoms (seeds 1, 3, 4;
-    # original size and 128 px): homogeneous lesions measure 4-4.5 (median;
+    # original size and 128 px): homogeneous lesions measure 3.9-4.5 (median;
     # 95th percentile 8.4-8.7), heterogeneous ones 15-16 (5th percentile
     # 8.2-9.0); agreement is flat from 8.5 to 9.0.
     heterogeneous_min_texture: float = 8.8
