@@ -4,6 +4,7 @@ phantoms' truth.
 
     python -m busi_jax.descriptor_study --workdir=PIPELINE_DIR --manual_dir=DIR --output=FILE.json
     python -m busi_jax.descriptor_study --phantom_seeds=2,5,6 --output=FILE.json
+    python -m busi_jax.descriptor_study --floor_dir=BUSI_FOLDER --output=FILE.json
 
 Descriptors are measured on the original-size scans (read from the BUSI
 folder) with the segmenter's predicted mask resized back, as predict does.
@@ -15,6 +16,10 @@ Two questions:
    descriptors is fitted on the ``train`` split and scored on ``test``; a
    second one adds the classifier's logit. Both are fitted on train only;
    the test split is touched once.
+3. Stacking: the descriptor score, the classifier's logit and (with
+   ``--multitask_workdir``) a multitask network's logit, combined by a
+   logistic regression fitted on the ``validation`` split, where no model
+   saw the labels.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from scipy import optimize
 
 from busi_jax import data as data_lib
 from busi_jax import descriptors as desc_lib
+from busi_jax import evalmetrics
 from busi_jax import evaluate
 from busi_jax import inference
 from busi_jax import io as busi_io
@@ -53,10 +59,11 @@ def phantom_agreement(
     and resized to 128 px (the spacing scaled to match).
 
     Returns:
-        ``{"original" | "128 px": {field: {"agreement", "judged", "n"}}}``:
-        agreement over the lesions where the descriptor made a call, the share
-        where it did (only heterogeneity abstains, on black lesions), and the
-        number of lesions.
+        ``{"original" | "128 px": {field: {"agreement", "judged", "all_cases",
+        "n"}}}``: agreement over the lesions where the descriptor made a call,
+        the share where it did (only heterogeneity abstains, on black lesions),
+        agreement over all lesions with an abstention counted as a miss, and
+        the number of lesions.
     """
     out_dir = pathlib.Path(out_dir)
     synthetic.generate(
@@ -91,11 +98,43 @@ def phantom_agreement(
             f: {
                 "agreement": float(np.mean([h for h in v if h is not None] or [np.nan])),
                 "judged": float(np.mean([h is not None for h in v])),
+                "all_cases": float(np.mean([h is True for h in v])),
                 "n": len(v),
             }
             for f, v in per.items()
         }
         for res, per in hits.items()
+    }
+
+
+def floor_share(folder: str | pathlib.Path) -> dict:
+    """How many lesions of a BUSI-layout folder are mostly at the display's black level.
+
+    Uses the ground-truth masks (all mask files of a scan merged) and
+    :func:`descriptors.floor_fraction`, the quantity behind heterogeneity's
+    'not assessable'.
+
+    Returns:
+        ``{"lesions", "half_black", "share_half_black", "share_third_black"}``.
+    """
+    fractions = []
+    for rec in busi_io.list_scans(folder):
+        if rec.label == "normal":
+            continue
+        image = busi_io.read_scan(rec.image_path)
+        mask = np.zeros(image.shape[:2], bool)
+        for path in rec.mask_paths:
+            mask |= busi_io.read_mask(path)
+        f = desc_lib.floor_fraction(image, mask)
+        if f is not None:
+            fractions.append(f)
+    f = np.asarray(fractions)
+    limit = desc_lib.THRESHOLDS.texture_max_black
+    return {
+        "lesions": int(f.size),
+        "half_black": int(np.sum(f >= limit)),
+        "share_half_black": float(np.mean(f >= limit)) if f.size else float("nan"),
+        "share_third_black": float(np.mean(f >= 0.3)) if f.size else float("nan"),
     }
 
 
@@ -113,6 +152,7 @@ def pooled_agreement(tables: dict) -> dict:
             out[res][f] = {
                 "agreement": hits / judged if judged else float("nan"),
                 "judged": judged / n,
+                "all_cases": hits / n,
                 "n": n,
             }
     return out
@@ -122,11 +162,12 @@ def agreement_table(tables: dict) -> str:
     """Plain-text table of :func:`phantom_agreement` results, one column per seed."""
     lines = []
     for res in ("original", "128 px"):
-        lines.append(f"{res}: agreement (share judged)")
-        lines.append(f"{'descriptor':16s}" + "".join(f"{str(s):>16s}" for s in tables))
+        lines.append(f"{res}: agreement where judged / over all cases (share judged)")
+        lines.append(f"{'descriptor':16s}" + "".join(f"{str(s):>22s}" for s in tables))
         for f in CATEGORICAL_FIELDS:
             cells = "".join(
-                f"{t[res][f]['agreement']:9.3f} ({t[res][f]['judged']:.2f})"
+                f"{t[res][f]['agreement']:9.3f} /{t[res][f]['all_cases']:6.3f}"
+                f" ({t[res][f]['judged']:.2f})"
                 for t in tables.values()
             )
             lines.append(f"{f:16s}{cells}")
@@ -161,13 +202,35 @@ def _standardise(train: np.ndarray, *others: np.ndarray):
     return [(a - mu) / sd for a in filled]
 
 
-def study(workdir: str, manual_dir: str) -> dict:
+def _auc_ci(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000) -> list[float]:
+    """95% bootstrap interval of the AUC, resampling within each class."""
+
+    def stat(idx):
+        return np.array([metrics.roc_auc(scores[i], labels[i]) for i in idx[:, :, 0]])
+
+    idx = np.arange(len(labels))[:, None]
+    return evalmetrics.bootstrap_ci(idx, stat, n_boot, strata=labels)["ci95"]
+
+
+def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -> dict:
+    """Association, added value and stacking on a BUSI build (see the module docstring).
+
+    Args:
+        workdir: pipeline workdir (segmenter + classifier on its masks).
+        manual_dir: the BUSI folder the dataset was built from.
+        multitask_workdir: optional multitask run whose malignancy logit joins the stack.
+
+    Returns:
+        JSON-able dict: association per descriptor, test AUCs with 95%
+        bootstrap intervals, and the stacking weights.
+    """
     parts = evaluate.resolve(workdir)
     seg_dir, cls_dir = parts["segmenter"], parts["classifier"]
     config = inference.load_config(seg_dir)
     size = int(config.data.image_size)
     seg = evaluate.segmenter_probs(seg_dir)
     cls = evaluate.classifier_logits(cls_dir)
+    mt = evaluate.multitask_outputs(multitask_workdir) if multitask_workdir else None
     val = data_lib.load_split(config.data, "validation")
     pp_cfg, _ = pp.choose_on_validation(seg(val["image"]), val["mask"][..., 0] > 0)
 
@@ -179,8 +242,9 @@ def study(workdir: str, manual_dir: str) -> dict:
         images = arrays["image"][lesion]
         masks = pp.apply(seg(images), pp_cfg)
         logits = cls(images, masks[..., None].astype(np.uint8))
-        for name, label, m, logit in zip(
-            arrays["file_name"][lesion], arrays["label"][lesion], masks, logits
+        mt_logits = mt(images)[1] if mt else np.full(len(images), np.nan)
+        for name, label, m, logit, mt_logit in zip(
+            arrays["file_name"][lesion], arrays["label"][lesion], masks, logits, mt_logits
         ):
             record = originals[str(name)]
             image = busi_io.read_scan(record.image_path)
@@ -191,6 +255,7 @@ def study(workdir: str, manual_dir: str) -> dict:
                     "file": str(name),
                     "malignant": int(label == 2),
                     "logit": float(logit),
+                    "multitask_logit": float(mt_logit),
                     "desc": d,
                 }
             )
@@ -218,17 +283,41 @@ def study(workdir: str, manual_dir: str) -> dict:
             x[:, keep],
             np.array([r["logit"] for r in sel]),
             np.array([r["malignant"] for r in sel]),
+            np.array([r["multitask_logit"] for r in sel]),
         )
 
-    xtr, ltr, ytr = arrays_of("train")
-    xte, lte, yte = arrays_of("test")
-    xtr_s, xte_s = _standardise(xtr, xte)
+    def score(x, w):
+        return np.concatenate([x, np.ones((len(x), 1))], 1) @ w
+
+    xtr, ltr, ytr, mtr = arrays_of("train")
+    xva, lva, yva, mva = arrays_of("validation")
+    xte, lte, yte, mte = arrays_of("test")
+    xtr_s, xva_s, xte_s = _standardise(xtr, xva, xte)
     w_desc = _logistic_fit(xtr_s, ytr)
-    score_desc = np.concatenate([xte_s, np.ones((len(xte_s), 1))], 1) @ w_desc
+    score_desc = score(xte_s, w_desc)
     both_tr = np.concatenate([xtr_s, ltr[:, None]], 1)
     both_te = np.concatenate([xte_s, lte[:, None]], 1)
     w_both = _logistic_fit(both_tr, ytr)
-    score_both = np.concatenate([both_te, np.ones((len(both_te), 1))], 1) @ w_both
+    score_both = score(both_te, w_both)
+    test_scores = {
+        "classifier": lte,
+        "descriptors_logistic": score_desc,
+        "classifier_plus_descriptors_logistic": score_both,
+    }
+    # Stacking. The networks' logits on train are in-sample (they were fitted
+    # there, and so was the segmenter whose masks the descriptors read), so a
+    # combiner fitted on train over-trusts them. The combiner is fitted on the
+    # validation split instead -- predictions no model was fitted on -- and
+    # has only a few inputs: the train-fitted descriptor score and the logits.
+    stack_in = {"descriptors": (score(xva_s, w_desc), score_desc), "classifier": (lva, lte)}
+    if mt:
+        test_scores["multitask"] = mte
+        stack_in["multitask"] = (mva, mte)
+    names = list(stack_in)
+    sva, ste = (np.stack([stack_in[n][i] for n in names], 1) for i in (0, 1))
+    sva_s, ste_s = _standardise(sva, ste)
+    w_stack = _logistic_fit(sva_s, yva)
+    test_scores["stack_on_validation"] = score(ste_s, w_stack)
     return {
         "data": f"busi/{size} from {manual_dir}; descriptors on original-size scans with predicted masks",
         "postprocess": pp_cfg.describe(),
@@ -236,11 +325,10 @@ def study(workdir: str, manual_dir: str) -> dict:
             s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")
         },
         "association_all_splits": assoc,
-        "test_auc": {
-            "classifier": metrics.roc_auc(lte, yte),
-            "descriptors_logistic": metrics.roc_auc(score_desc, yte),
-            "classifier_plus_descriptors_logistic": metrics.roc_auc(score_both, yte),
-        },
+        "test_auc": {k: metrics.roc_auc(v, yte) for k, v in test_scores.items()},
+        "test_auc_ci95": {k: _auc_ci(v, yte) for k, v in test_scores.items()},
+        "stack_inputs": names,
+        "stack_weights_standardised": [round(float(w), 4) for w in w_stack],
         "train_auc_classifier": metrics.roc_auc(ltr, ytr),
     }
 
@@ -250,34 +338,48 @@ def main(argv=None) -> None:
 
     flags.DEFINE_string("workdir", None, "Pipeline workdir (segmenter + classifier).")
     flags.DEFINE_string("manual_dir", None, "The BUSI folder the dataset was built from.")
+    flags.DEFINE_string(
+        "multitask_workdir", None, "Optional multitask run whose logit joins the stacking."
+    )
     flags.DEFINE_list(
         "phantom_seeds", None, "Instead of BUSI: agreement with the truth of these phantom seeds."
     )
     flags.DEFINE_integer("phantoms_per_class", 40, "Benign and malignant phantoms per seed.")
+    flags.DEFINE_string(
+        "floor_dir",
+        None,
+        "Instead: how many lesions of this BUSI-layout folder are mostly black (true masks).",
+    )
     flags.DEFINE_string("output", None, "JSON path.")
     flags.mark_flags_as_required(["output"])
     FLAGS = flags.FLAGS
 
     def phantoms():
         seeds = [int(s) for s in FLAGS.phantom_seeds]
-        tables = {}
+        tables, floors = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for s in seeds:
-                tables[s] = phantom_agreement(
-                    pathlib.Path(tmp) / f"seed{s}", s, FLAGS.phantoms_per_class
-                )
-        return tables
+                folder = pathlib.Path(tmp) / f"seed{s}"
+                tables[s] = phantom_agreement(folder, s, FLAGS.phantoms_per_class)
+                floors[f"seed {s}"] = floor_share(folder)
+        return tables, floors
 
     def run(_):
         from busi_jax import cli
 
+        if FLAGS.floor_dir:
+            out = cli.run_command(floor_share, FLAGS.floor_dir)
+            busi_io.atomic_write_json(FLAGS.output, out)
+            print(out)
+            return
         if FLAGS.phantom_seeds:
-            tables = cli.run_command(phantoms)
+            tables, floors = cli.run_command(phantoms)
             out = {f"seed {k}": v for k, v in tables.items()}
             if len(tables) > 1:
                 out["pooled"] = pooled_agreement(tables)
-            busi_io.atomic_write_json(FLAGS.output, out)
+            busi_io.atomic_write_json(FLAGS.output, {**out, "floor_share": floors})
             print(agreement_table(out))
+            print("lesions mostly at the black level:", floors)
             return
         if not (FLAGS.workdir and FLAGS.manual_dir):
             print(
@@ -285,7 +387,7 @@ def main(argv=None) -> None:
                 file=sys.stderr,
             )
             sys.exit(1)
-        out = cli.run_command(study, FLAGS.workdir, FLAGS.manual_dir)
+        out = cli.run_command(study, FLAGS.workdir, FLAGS.manual_dir, FLAGS.multitask_workdir)
         busi_io.atomic_write_json(FLAGS.output, out)
         print(out["test_auc"])
 

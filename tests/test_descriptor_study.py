@@ -23,3 +23,12 @@ def test_standardise_uses_train_statistics_and_fills_nan():
     np.testing.assert_allclose(tr.mean(0), 0, atol=1e-12)
     assert np.isfinite(te).all()
     assert te[0, 0] == 0.0  # NaN -> train median 3 -> (3 - 3) / sd.
+
+
+def test_auc_interval_brackets_known_answers():
+    y = np.array([0] * 20 + [1] * 20)
+    perfect = descriptor_study._auc_ci(y.astype(float), y, n_boot=200)
+    assert perfect == [1.0, 1.0]
+    rng = np.random.default_rng(0)
+    lo, hi = descriptor_study._auc_ci(rng.normal(size=40), y, n_boot=200)
+    assert lo < 0.5 < hi and hi - lo > 0.2

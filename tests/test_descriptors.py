@@ -341,8 +341,11 @@ def held_out_agreement(tmp_path_factory):
     assert pooled["original"]["shape"]["agreement"] == pytest.approx(
         table["original"]["shape"]["agreement"]
     )
+    assert pooled["original"]["heterogeneous"]["all_cases"] == pytest.approx(
+        table["original"]["heterogeneous"]["all_cases"]
+    )
     return {
-        res: {f: (v["agreement"], v["judged"]) for f, v in per.items()}
+        res: {f: (v["all_cases"], v["judged"]) for f, v in per.items()}
         for res, per in table.items()
     }
 
@@ -350,10 +353,11 @@ def held_out_agreement(tmp_path_factory):
 def test_agreement_with_truth_at_original_size(held_out_agreement):
     table = held_out_agreement["original"]
     low = {f: a for f, (a, _) in table.items() if f in MAIN + ("heterogeneous",) and a < 0.9}
-    assert not low, f"agreement below 0.9: {low}"
-    # Only heterogeneity may abstain, and only on black lesions (about a fifth).
+    assert not low, f"agreement over all cases below 0.9: {low}"
+    # Only heterogeneity may abstain, and only on the few lesions left black
+    # at the simulated sonographer's highest gain (a few per cent).
     assert all(cov == 1.0 for f, (_, cov) in table.items() if f != "heterogeneous")
-    assert table["heterogeneous"][1] >= 0.7
+    assert table["heterogeneous"][1] >= 0.9
 
 
 def test_agreement_with_truth_at_128_px(held_out_agreement):
@@ -361,5 +365,38 @@ def test_agreement_with_truth_at_128_px(held_out_agreement):
     # detail, so this guards against regressions at a looser 0.85.
     table = held_out_agreement["128 px"]
     low = {f: a for f, (a, _) in table.items() if f in MAIN + ("heterogeneous",) and a < 0.85}
-    assert not low, f"agreement below 0.85: {low}"
-    assert table["heterogeneous"][1] >= 0.7
+    assert not low, f"agreement over all cases below 0.85: {low}"
+    assert table["heterogeneous"][1] >= 0.9
+
+
+def test_floor_fraction_known_answers():
+    yy, xx = np.mgrid[:64, :64]
+    mask = (yy - 32) ** 2 + (xx - 32) ** 2 < 15**2
+    image = np.full((64, 64), 120, np.uint8)
+    assert descriptors.floor_fraction(image, mask) == 0.0
+    image[mask] = 0
+    assert descriptors.floor_fraction(image, mask) == 1.0
+    image[:32][mask[:32]] = 40  # the upper half shows echoes again
+    assert 0.4 < descriptors.floor_fraction(image, mask) < 0.6
+    assert descriptors.floor_fraction(image, np.zeros_like(mask)) is None
+
+
+def test_phantoms_seldom_leave_lesions_black(tmp_path):
+    # The simulated sonographer raises the gain over dark lesions (as on BUSI,
+    # where about 5% of lesions are mostly black); before that rule a quarter
+    # of the phantoms' lesions were, and their drawn texture never showed.
+    synthetic.generate(
+        tmp_path,
+        num_normal=2,
+        num_benign=15,
+        num_malignant=15,
+        seed=11,
+        size_range=HELD_OUT_SIZE,
+        duplicate_fraction=0.0,
+    )
+    share = descriptor_study.floor_share(tmp_path)
+    assert share["lesions"] == 30
+    assert share["share_half_black"] <= 0.1
+    truth = synthetic.load_truth(tmp_path)
+    boosted = [r for r in truth.values() if r["label"] != "normal" and r["gain_db"] > 2.5]
+    assert boosted, "no lesion needed more gain: the rule is not exercised"
