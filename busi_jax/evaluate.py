@@ -2,6 +2,7 @@
 
     python -m busi_jax.evaluate --workdir=DIR [--data_dir=FOLDER] [--output=FILE.json]
         [--split=test] [--tta] [--postprocess=auto|none] [--n_boot=1000]
+        [--segmenter_workdir=SEG_DIR] [--ensemble=SEG_DIR2,SEG_DIR3]
 
 DIR may be a segmenter, classifier, multitask or pipeline workdir. One JSON
 holds the segmentation metrics (lesion Dice/IoU, all-scan Dice/IoU with the
@@ -13,6 +14,10 @@ CSV beside it holds one row per scan, and PNG plots sit next to both.
 Everything that is tuned -- the post-processing of predicted masks and the
 classifier's temperature -- is chosen on the dataset's ``validation`` split,
 never on the data being scored.
+
+``--segmenter_workdir`` pairs a classifier with another segmenter (and scores
+one trained on ground-truth masks on predicted ones); ``--ensemble`` averages
+the lesion probabilities of several segmenters trained on the same splits.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import json
 import os
 import pathlib
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -190,8 +195,18 @@ def evaluate(
     postprocess: str = "auto",
     n_boot: int = 1000,
     plots_enabled: bool = True,
+    segmenter_workdir: str | os.PathLike[str] | None = None,
+    ensemble: Sequence[str | os.PathLike[str]] = (),
 ) -> dict:
     """Scores ``workdir``'s best checkpoint(s); see the module docstring.
+
+    Args:
+      segmenter_workdir: a segmenter run whose predicted masks replace those of
+        the workdir's own segmenter; a classifier trained on ground-truth masks
+        is then scored on these predicted masks (a deployable score).
+      ensemble: further segmenter runs on the same data and splits; their
+        lesion probabilities are averaged with the segmenter's before
+        post-processing (which is then chosen on validation for the average).
 
     Returns:
       The report written to ``output`` (default ``workdir/eval/<split>.json``).
@@ -200,8 +215,23 @@ def evaluate(
         raise ValueError(f"--postprocess must be 'auto' or 'none', got {postprocess!r}")
     workdir = pathlib.Path(workdir).expanduser()
     parts = resolve(workdir)
+    forced_masks = segmenter_workdir is not None
+    if forced_masks:
+        if parts["multitask"]:
+            raise ckpt_lib.CheckpointError(
+                f"--segmenter_workdir: {workdir} is a multitask run, which takes no masks"
+            )
+        parts["segmenter"] = pathlib.Path(segmenter_workdir).expanduser()
+        if parts["classifier"]:
+            _check_same_splits(
+                inference.load_config(parts["classifier"]),
+                parts["segmenter"],
+                "--segmenter_workdir",
+                "segmentation",
+            )
     main = parts["segmenter"] or parts["multitask"] or parts["classifier"]
     config = inference.load_config(main)
+    members = _ensemble_members(parts, config, ensemble)
     size = int(config.data.image_size)
     name = pathlib.Path(data_dir).name if data_dir else split
     out_json = pathlib.Path(output) if output else workdir / "eval" / f"{name}.json"
@@ -219,6 +249,9 @@ def evaluate(
         cls_fn = mt_logits
     if parts["segmenter"]:
         seg_fn = segmenter_probs(parts["segmenter"], tta)
+    if members:
+        fns = [seg_fn] + [segmenter_probs(m, tta) for m in members]
+        seg_fn = lambda im: np.mean([f(im) for f in fns], axis=0)  # noqa: E731
     if parts["classifier"]:
         cls_fn = classifier_logits(parts["classifier"])
 
@@ -231,6 +264,7 @@ def evaluate(
             c: int((target["label"] == i).sum()) for i, c in enumerate(busi_io.CLASS_NAMES)
         },
         "tta": "horizontal flip averaging" if tta else "none",
+        "ensemble": [os.fspath(m) for m in members],
         "tuned_on": "validation split (post-processing, temperature)",
         "bootstrap": f"{n_boot} percentile resamples of scans, seed 0",
     }
@@ -266,7 +300,9 @@ def evaluate(
             _segmentation_plots(out_dir, stem, target, truth, pred_masks, scores, seg_report)
 
     if cls_fn is not None:
-        cls_report, probs_all = _classify(cls_fn, parts, val, target, val_masks, pred_masks, n_boot)
+        cls_report, probs_all = _classify(
+            cls_fn, parts, val, target, val_masks, pred_masks, n_boot, forced_masks
+        )
         report["classification"] = cls_report
         per_scan["malignancy_probability"] = probs_all
         if plots_enabled and "confusion" in cls_report:
@@ -295,18 +331,22 @@ def evaluate(
     return report
 
 
-def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot):
+def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot, forced=False):
     """Benign-vs-malignant scores on lesion scans.
 
     The masks are the segmenter's post-processed predictions (``[N, S, S]``
     bool), or None for a classifier trained on ground-truth masks, which is
-    then scored on them and labelled as an ablation.
+    then scored on them and labelled as an ablation -- unless ``forced``
+    (``--segmenter_workdir``) asks for predicted masks.
     """
     cls_cfg = inference.load_config(parts["classifier"] or parts["multitask"])
+    trained_on_truth = (
+        bool(parts["classifier"]) and cls_cfg.classifier.mask_source == "ground_truth"
+    )
     mask_source = "predicted"
-    if (
-        parts["classifier"] and cls_cfg.classifier.mask_source == "ground_truth"
-    ) or val_masks is None:
+    if trained_on_truth and forced:
+        mask_source = "predicted (classifier trained on ground-truth masks)"
+    if (trained_on_truth and not forced) or val_masks is None:
         mask_source = "ground_truth (ablation: not a deployable score)"
         val_in, target_in = val["mask"], target["mask"]
     else:
@@ -338,6 +378,28 @@ def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot):
     rep["masks"] = mask_source
     probs_all = evalmetrics.apply_temperature(logits, 1.0)[:, 2]
     return rep, probs_all
+
+
+def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
+    """Checks that every ensemble member is a segmenter run on the same data and splits."""
+    members = [pathlib.Path(m).expanduser() for m in ensemble]
+    if members and not parts["segmenter"]:
+        raise ckpt_lib.CheckpointError(
+            "--ensemble averages segmenters: the workdir has none (pass --segmenter_workdir)"
+        )
+    for m in members:
+        _check_same_splits(config, m, "--ensemble", "segmentation")
+    return members
+
+
+def _check_same_splits(config, other: pathlib.Path, flag: str, task: str) -> None:
+    """Raises unless ``other`` holds a ``task`` run on ``config``'s data and splits."""
+    cfg = inference.load_config(other)
+    if cfg.task != task:
+        raise ckpt_lib.CheckpointError(f"{flag}: {other} holds a {cfg.task} run, not {task}")
+    if json.loads(cfg.data.to_json_best_effort()) != json.loads(config.data.to_json_best_effort()):
+        # A run trained on other splits may have seen the scans scored here.
+        raise ckpt_lib.CheckpointError(f"{flag}: {other} was trained on other data or splits")
 
 
 def _segmentation_plots(out_dir, stem, target, truth, pred, scores, seg_report):
@@ -431,6 +493,14 @@ def main(argv=None) -> None:
         "postprocess", "auto", ["auto", "none"], "Mask post-processing chosen on validation."
     )
     flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples for the 95% intervals.")
+    flags.DEFINE_string(
+        "segmenter_workdir",
+        None,
+        "Score the classifier on this segmenter's predicted masks (even one trained on true masks).",
+    )
+    flags.DEFINE_list(
+        "ensemble", [], "More segmenter workdirs whose probabilities are averaged with the first."
+    )
     flags.mark_flag_as_required("workdir")
     FLAGS = flags.FLAGS
 
@@ -446,6 +516,8 @@ def main(argv=None) -> None:
             tta=FLAGS.tta,
             postprocess=FLAGS.postprocess,
             n_boot=FLAGS.n_boot,
+            segmenter_workdir=FLAGS.segmenter_workdir,
+            ensemble=FLAGS.ensemble,
         )
         _print_summary(report)
 

@@ -108,3 +108,48 @@ def test_evaluate_bad_folder_one_line_error(tiny_pipeline, tmp_path, fault):
     assert r.returncode == 1, r.stderr[-2000:]
     assert str(bad) in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_ensemble_of_a_model_with_itself_scores_as_the_model(tiny_pipeline, tmp_path):
+    _, workdir, _ = tiny_pipeline
+    seg = pathlib.Path(workdir) / "segmenter"
+    kw = dict(n_boot=0, plots_enabled=False)
+    single = evaluate.evaluate(seg, output=str(tmp_path / "one.json"), **kw)
+    double = evaluate.evaluate(seg, output=str(tmp_path / "two.json"), ensemble=[seg], **kw)
+    assert double["protocol"]["ensemble"] == [os.fspath(seg)]
+    for key in ("lesion_dice", "dice_all", "pixel_accuracy"):
+        assert double["segmentation"][key]["mean"] == pytest.approx(
+            single["segmentation"][key]["mean"], abs=1e-6
+        )
+
+
+def test_classifier_paired_with_a_segmenter_matches_the_pipeline(tiny_pipeline, tmp_path):
+    _, workdir, _ = tiny_pipeline
+    workdir = pathlib.Path(workdir)
+    kw = dict(n_boot=0, plots_enabled=False)
+    pipe = evaluate.evaluate(workdir, output=str(tmp_path / "pipe.json"), **kw)
+    paired = evaluate.evaluate(
+        workdir / "classifier",
+        output=str(tmp_path / "paired.json"),
+        segmenter_workdir=workdir / "segmenter",
+        **kw,
+    )
+    assert paired["classification"]["masks"] == "predicted"
+    assert paired["classification"]["auc"]["mean"] == pytest.approx(
+        pipe["classification"]["auc"]["mean"]
+    )
+
+
+def test_ensemble_member_must_be_a_segmenter(tiny_pipeline, tmp_path):
+    from busi_jax import checkpoints
+
+    _, workdir, _ = tiny_pipeline
+    workdir = pathlib.Path(workdir)
+    with pytest.raises(checkpoints.CheckpointError, match="--ensemble: .* not segmentation"):
+        evaluate.evaluate(
+            workdir / "segmenter",
+            output=str(tmp_path / "x.json"),
+            ensemble=[workdir / "classifier"],
+            n_boot=0,
+            plots_enabled=False,
+        )
