@@ -92,7 +92,7 @@ def phantom_agreement(
         for res, args in (("original", (image, mask, sp)), ("128 px", small)):
             d = desc_lib.describe(*args)
             for f in CATEGORICAL_FIELDS:
-                hits[res][f].append(None if d[f] is None else d[f] == rec[f])
+                hits[res][f].append(_hit(f, d[f], rec))
     return {
         res: {
             f: {
@@ -107,6 +107,18 @@ def phantom_agreement(
     }
 
 
+def _hit(field: str, called, rec: dict) -> bool | None:
+    """Whether a descriptor's call matches the phantom's truth; None for an abstention.
+
+    Heterogeneity is judged only where the phantom shows its interior
+    (``texture_visible``): on a lesion rendered black the truth is 'not
+    assessable', which an abstention matches and any call misses.
+    """
+    if field == "heterogeneous" and not rec.get("texture_visible", True):
+        return called is None
+    return None if called is None else called == rec[field]
+
+
 def floor_share(folder: str | pathlib.Path) -> dict:
     """How many lesions of a BUSI-layout folder are mostly at the display's black level.
 
@@ -115,7 +127,9 @@ def floor_share(folder: str | pathlib.Path) -> dict:
     'not assessable'.
 
     Returns:
-        ``{"lesions", "half_black", "share_half_black", "share_third_black"}``.
+        ``{"lesions", "half_black", "share_half_black", "share_third_black"}``,
+        plus ``texture_not_visible`` (lesions the phantom renders black) for a
+        phantom folder.
     """
     fractions = []
     for rec in busi_io.list_scans(folder):
@@ -130,12 +144,16 @@ def floor_share(folder: str | pathlib.Path) -> dict:
             fractions.append(f)
     f = np.asarray(fractions)
     limit = desc_lib.THRESHOLDS.texture_max_black
-    return {
+    out = {
         "lesions": int(f.size),
         "half_black": int(np.sum(f >= limit)),
         "share_half_black": float(np.mean(f >= limit)) if f.size else float("nan"),
         "share_third_black": float(np.mean(f >= 0.3)) if f.size else float("nan"),
     }
+    if (pathlib.Path(folder) / "truth.json").exists():  # Phantoms: their own verdict too.
+        truth = synthetic.load_truth(folder).values()
+        out["texture_not_visible"] = sum(r.get("texture_visible") is False for r in truth)
+    return out
 
 
 def pooled_agreement(tables: dict) -> dict:

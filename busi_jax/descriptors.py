@@ -170,9 +170,10 @@ class Thresholds:
     texture_lag: float = 0.025
     # A lesion whose core is mostly at the display's black level (grey <=
     # black_level) shows no texture at all: heterogeneity is 'not assessable'
-    # (None), not a guess. That is 5 % of BUSI's lesions (ground-truth masks)
-    # and 3 % of the phantoms (seeds 1, 3, 4), whose simulated sonographer
-    # raises the gain over dark lesions (synthetic._operator_gain).
+    # (None), not a guess; the phantoms' truth says the same of a lesion whose
+    # speckle-free interior is mostly below the display floor
+    # (synthetic._texture_visible). That is 5.4% of BUSI's lesions
+    # (ground-truth masks) but about a quarter of the phantoms'.
     black_level: int = 2
     texture_max_black: float = 0.5
 

@@ -17,9 +17,7 @@ cheap numpy/scipy, about 30-60 ms per 400x500 scan on one core:
   Rayleigh-distributed speckle whose grain follows the PSF. Round-trip
   attenuation accumulates down each column (tissue- and lesion-specific),
   time-gain compensation undoes most of the *average* loss, and the result is
-  log-compressed into 8 bits. Over a dark lesion the overall gain is raised,
-  as a sonographer would, until its internal echoes show (``gain_db`` in
-  ``truth.json`` is the gain finally used). Posterior enhancement and shadowing therefore
+  log-compressed into 8 bits. Posterior enhancement and shadowing therefore
   arise from the lesion attenuating less or more than tissue, not from
   painting a column.
 
@@ -63,7 +61,10 @@ Folder layout written by :func:`generate` (the class folders sit directly in
     'circumscribed'|'angular'|'microlobulated'|'spiculated'.
   * ``echo_pattern``: 'hypoechoic'|'isoechoic'|'hyperechoic', relative to
     subcutaneous fat as in BI-RADS; plus the boolean ``heterogeneous``
-    (internal texture). There is no separate 'complex' category.
+    (internal texture drawn). There is no separate 'complex' category.
+  * ``texture_visible``: False when the lesion's interior lies, speckle
+    aside, mostly below the display floor (grey 0): the image then shows no
+    texture, whatever ``heterogeneous`` says.
   * ``echo_level_db``: nominal lesion power relative to fat, dB (before its
     internal texture).
   * ``posterior``: 'enhancement'|'shadowing'|'none'; ``posterior_db``: the
@@ -155,14 +156,6 @@ _ATTEN = {"gel": 0.0, "dermis": 1.0, "fat": 0.6, "gland": 0.9, "muscle": 1.1, "d
 # Top of the displayed range, dB re. unit power; tuned so that gland lands
 # around grey 150 and hypoechoic lesions near 30, as on BUSI scans.
 _DISPLAY_TOP_DB = 12.0
-# The simulated sonographer's gain rule (see _operator_gain): raise the gain
-# until at most this share of the lesion's interior is clipped to grey 0 ...
-# 0.15 leaves 3% of lesions (seeds 1, 3, 4) with half their core at grey <= 2
-# and 9% with a third, against 5% and 10% on BUSI (`python -m
-# busi_jax.descriptor_study --floor_dir=...`); 0.3 left 25% with a third.
-_MAX_LESION_FLOOR = 0.15
-# ... by at most this many dB over the scan's drawn gain.
-_MAX_GAIN_BOOST_DB = 8.0
 
 _LESION_KEYS = (
     "shape",
@@ -171,6 +164,7 @@ _LESION_KEYS = (
     "margin_detail",
     "echo_pattern",
     "heterogeneous",
+    "texture_visible",
     "echo_level_db",
     "posterior",
     "posterior_db",
@@ -190,7 +184,9 @@ _SCAN_KEYS = (
     "gain_db",
     "tgc_compensation",
 )
-_OVERRIDABLE = frozenset(_SCAN_KEYS) | (frozenset(_LESION_KEYS) - {"bbox", "mask_area_px"})
+_OVERRIDABLE = frozenset(_SCAN_KEYS) | (
+    frozenset(_LESION_KEYS) - {"bbox", "mask_area_px", "texture_visible"}
+)
 
 
 # --------------------------------------------------------------------------
@@ -441,7 +437,7 @@ def render_phantom(
       width: image columns, at least 48.
       label: 'benign', 'malignant' or 'normal'.
       attributes: optional overrides of sampled attributes (any key of the
-        truth schema in the module docstring except ``bbox``/``mask_area_px``,
+        truth schema in the module docstring except ``bbox``/``mask_area_px``/``texture_visible``,
         e.g. ``{"posterior": "shadowing", "shape": "oval"}``). Unset ones are
         drawn from :data:`PRIORS`; the random stream does not depend on the
         overrides, so the same seed with a different override renders the same
@@ -607,12 +603,11 @@ def render_phantom(
         mask = _place_lesion(r_shape, lesion, overrides, layers, dermis, h, w)
         _paint_lesion(r_lesion, lesion, mask, power, extra_loss)
 
-    db = _acquire(
+    image, mean_gray = _acquire(
         r_speckle, power, alpha_px, extra_loss, scan, psf_axial_mm, psf_lateral_mm, despeckle
     )
-    if lesion is not None and "gain_db" not in overrides:
-        scan["gain_db"] = _operator_gain(db, mask, scan)
-    image = _display(db, scan)
+    if lesion is not None:
+        lesion["texture_visible"] = _texture_visible(mean_gray, mask)
 
     out: dict[str, Any] = {"label": label, "height": h, "width": w}
     out.update(scan)
@@ -762,7 +757,12 @@ def _acquire(
     psf_lateral_mm: float,
     despeckle: float,
 ) -> np.ndarray:
-    """Speckle, attenuation and TGC -> echo level in dB, before gain and display."""
+    """Speckle, attenuation, TGC and log compression.
+
+    Returns:
+        ``(image, mean_gray)``: the ``[H, W]`` uint8 scan, and the float grey
+        level each pixel would have without speckle (unclipped).
+    """
     h, w = power.shape
     sp = scan["pixel_spacing_mm"]
     ky = _gauss_kernel(max(0.6, psf_axial_mm / sp))
@@ -791,39 +791,37 @@ def _acquire(
     # compression. It fills the deep speckle nulls that would otherwise show as
     # dark cracks, and leaves the bright grains of real scans.
     env = ndimage.gaussian_filter(np.sqrt(env2), despeckle)
-    return 20.0 * np.log10(env + 1e-6) - loss - extra + tgc
-
-
-def _display(db: np.ndarray, scan: Mapping[str, float]) -> np.ndarray:
-    """Gain and log compression of a dB map (before gain) -> uint8 image."""
+    db = 20.0 * np.log10(env + 1e-6) - loss - extra + tgc + scan["gain_db"]
     dr = scan["dynamic_range_db"]
-    gray = 255.0 * (db + scan["gain_db"] - (_DISPLAY_TOP_DB - dr)) / dr
-    return np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    gray = 255.0 * (db - (_DISPLAY_TOP_DB - dr)) / dr
+    # The same chain without speckle: the expected envelope power (the power
+    # map seen through the squared PSF), at the speckle's median (ln 2 of the
+    # mean power, for a Rayleigh envelope). It tells what the display could
+    # show of the tissue, whatever the speckle draw.
+    mean_p = ndimage.correlate1d(power, ky**2 / np.sum(ky**2), axis=0, mode="reflect")
+    mean_p = ndimage.correlate1d(mean_p, kx**2 / np.sum(kx**2), axis=1, mode="reflect")
+    mean_db = 10.0 * np.log10(math.log(2.0) * mean_p + 1e-12) - loss - extra + tgc
+    mean_gray = 255.0 * (mean_db + scan["gain_db"] - (_DISPLAY_TOP_DB - dr)) / dr
+    return np.clip(np.rint(gray), 0, 255).astype(np.uint8), mean_gray
 
 
-def _operator_gain(db: np.ndarray, mask: np.ndarray, scan: Mapping[str, float]) -> float:
-    """The overall gain a sonographer would leave on: raised until the lesion shows echoes.
+def _texture_visible(mean_gray: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether the display shows the lesion's interior at all.
 
-    A sonographer raises the gain over a dark mass until its internal echoes
-    show, to tell a solid mass from a cyst (and as BUSI's scans show: on them
-    5% of lesions have half their interior at grey <= 2, measured on the
-    624-scan copy with ground-truth masks). Without this step, deep shadowing
-    hypoechoic phantoms sank below the display floor four times as often
-    (24% on seeds 1, 3 and 4), so their texture -- and the 'heterogeneous'
-    truth drawn into them -- was invisible in the image. The gain rises in
-    1 dB steps, by at most :data:`_MAX_GAIN_BOOST_DB`, until at most
-    :data:`_MAX_LESION_FLOOR` of the lesion's interior sits at grey 0.
+    A lesion whose interior lies, speckle aside, mostly below the display's
+    floor (grey 0) is rendered black whatever texture was drawn into it: its
+    heterogeneity cannot be judged from the image, by a reader or by
+    :mod:`busi_jax.descriptors` (BI-RADS reads such a mass as anechoic or
+    markedly hypoechoic and does not grade its texture). Judged on the
+    speckle-free grey levels, so it is a property of the phantom, not of one
+    speckle draw or of any descriptor's rule.
     """
     interior = ndimage.binary_erosion(mask, iterations=2)
     if interior.sum() < 10:
         interior = mask
-    gain = scan["gain_db"]
-    for boost in range(int(_MAX_GAIN_BOOST_DB) + 1):
-        g = round(gain + boost, 5)
-        lesion = _display(db[interior], {**scan, "gain_db": g})
-        if np.mean(lesion == 0) <= _MAX_LESION_FLOOR:
-            break
-    return g
+    if not interior.any():
+        return True
+    return bool(np.mean(mean_gray[interior] < 0.5) < 0.5)
 
 
 # --------------------------------------------------------------------------

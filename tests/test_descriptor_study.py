@@ -32,3 +32,16 @@ def test_auc_interval_brackets_known_answers():
     rng = np.random.default_rng(0)
     lo, hi = descriptor_study._auc_ci(rng.normal(size=40), y, n_boot=200)
     assert lo < 0.5 < hi and hi - lo > 0.2
+
+
+def test_floor_share_counts_every_lesion(tmp_path):
+    from busi_jax import synthetic
+
+    synthetic.generate(
+        tmp_path, num_normal=1, num_benign=3, num_malignant=3, seed=5, duplicate_fraction=0.0
+    )
+    share = descriptor_study.floor_share(tmp_path)
+    assert share["lesions"] == 6
+    assert 0.0 <= share["share_half_black"] <= share["share_third_black"] <= 1.0
+    assert share["half_black"] == round(6 * share["share_half_black"])
+    assert 0 <= share["texture_not_visible"] <= 6

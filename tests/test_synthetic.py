@@ -28,6 +28,7 @@ LESION_KEYS = (
     "margin_detail",
     "echo_pattern",
     "heterogeneous",
+    "texture_visible",
     "echo_level_db",
     "posterior",
     "posterior_db",
