@@ -18,8 +18,8 @@ Two questions:
    the test split is touched once.
 3. Stacking: the descriptor score, the classifier's logit and (with
    ``--multitask_workdir``) a multitask network's logit, combined by a
-   logistic regression fitted on the ``validation`` split, where no model
-   saw the labels.
+   logistic regression fitted on the ``validation`` split, on which no
+   weights were trained (it did pick checkpoints and post-processing).
 """
 
 from __future__ import annotations
@@ -135,10 +135,7 @@ def floor_share(folder: str | pathlib.Path) -> dict:
     for rec in busi_io.list_scans(folder):
         if rec.label == "normal":
             continue
-        image = busi_io.read_scan(rec.image_path)
-        mask = np.zeros(image.shape[:2], bool)
-        for path in rec.mask_paths:
-            mask |= busi_io.read_mask(path)
+        image, mask = busi_io.read_example(rec)
         f = desc_lib.floor_fraction(image, mask)
         if f is not None:
             fractions.append(f)
@@ -248,7 +245,13 @@ def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -
     size = int(config.data.image_size)
     seg = evaluate.segmenter_probs(seg_dir)
     cls = evaluate.classifier_logits(cls_dir)
-    mt = evaluate.multitask_outputs(multitask_workdir) if multitask_workdir else None
+    mt = None
+    if multitask_workdir:
+        # A run on other splits may have seen this test split.
+        evaluate._check_same_splits(
+            config, pathlib.Path(multitask_workdir), "--multitask_workdir", "multitask"
+        )
+        mt = evaluate.multitask_outputs(multitask_workdir)
     val = data_lib.load_split(config.data, "validation")
     pp_cfg, _ = pp.choose_on_validation(seg(val["image"]), val["mask"][..., 0] > 0)
 
@@ -325,8 +328,9 @@ def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -
     # Stacking. The networks' logits on train are in-sample (they were fitted
     # there, and so was the segmenter whose masks the descriptors read), so a
     # combiner fitted on train over-trusts them. The combiner is fitted on the
-    # validation split instead -- predictions no model was fitted on -- and
-    # has only a few inputs: the train-fitted descriptor score and the logits.
+    # validation split instead -- no weights were fitted there, though it
+    # picked the checkpoints and the post-processing -- and has only a few
+    # inputs: the train-fitted descriptor score and the logits.
     stack_in = {"descriptors": (score(xva_s, w_desc), score_desc), "classifier": (lva, lte)}
     if mt:
         test_scores["multitask"] = mte

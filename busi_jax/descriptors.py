@@ -852,14 +852,16 @@ def floor_fraction(
     data sets (BUSI against the phantoms).
 
     Args:
-        image: ``[H, W]`` or ``[H, W, C]`` scan.
-        mask: ``[H, W]`` lesion mask.
+        image: ``[H, W]`` grey scan (or ``[H, W, 1]``).
+        mask: ``[H, W]`` lesion mask, the scan's size.
 
     Returns:
         The share in [0, 1], or None when the lesion is too thin to have a core.
     """
     img = _as_gray(np.asarray(image))
     m = np.asarray(mask) > 0
+    if m.shape != img.shape:
+        raise ValueError(f"mask shape {m.shape} differs from image shape {img.shape}")
     if not m.any():
         return None
     comp, _ = _largest_component(m)

@@ -217,23 +217,27 @@ def evaluate(
     parts = resolve(workdir)
     forced_masks = segmenter_workdir is not None
     if forced_masks:
-        if parts["multitask"]:
+        if not parts["classifier"]:
             raise ckpt_lib.CheckpointError(
-                f"--segmenter_workdir: {workdir} is a multitask run, which takes no masks"
+                f"--segmenter_workdir pairs a classifier with a segmenter: {workdir} holds no"
+                " classifier (to score a segmenter, pass it as --workdir)"
             )
         parts["segmenter"] = pathlib.Path(segmenter_workdir).expanduser()
-        if parts["classifier"]:
-            _check_same_splits(
-                inference.load_config(parts["classifier"]),
-                parts["segmenter"],
-                "--segmenter_workdir",
-                "segmentation",
-            )
+        _check_same_splits(
+            inference.load_config(parts["classifier"]),
+            parts["segmenter"],
+            "--segmenter_workdir",
+            "segmentation",
+        )
     main = parts["segmenter"] or parts["multitask"] or parts["classifier"]
     config = inference.load_config(main)
     members = _ensemble_members(parts, config, ensemble)
     size = int(config.data.image_size)
     name = pathlib.Path(data_dir).name if data_dir else split
+    if members:
+        name += "_ensemble"  # Never overwrite the run's own report.
+    if forced_masks:
+        name += f"_on_{parts['segmenter'].name}"
     out_json = pathlib.Path(output) if output else workdir / "eval" / f"{name}.json"
     out_dir = out_json.parent
     stem = out_json.stem
@@ -264,6 +268,7 @@ def evaluate(
             c: int((target["label"] == i).sum()) for i, c in enumerate(busi_io.CLASS_NAMES)
         },
         "tta": "horizontal flip averaging" if tta else "none",
+        "segmenter_workdir": os.fspath(parts["segmenter"]) if parts["segmenter"] else None,
         "ensemble": [os.fspath(m) for m in members],
         "tuned_on": "validation split (post-processing, temperature)",
         "bootstrap": f"{n_boot} percentile resamples of scans, seed 0",
@@ -273,6 +278,11 @@ def evaluate(
             ck = ckpt_lib.Checkpoints(path)
             protocol[f"{role}_checkpoint_step"] = ck.best_step()
             ck.close()
+    protocol["ensemble_checkpoint_steps"] = []
+    for m in members:
+        ck = ckpt_lib.Checkpoints(m)
+        protocol["ensemble_checkpoint_steps"].append(ck.best_step())
+        ck.close()
     per_scan = {
         "file": target["file_name"],
         "class": [busi_io.CLASS_NAMES[i] for i in target["label"]],
@@ -385,7 +395,7 @@ def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
     members = [pathlib.Path(m).expanduser() for m in ensemble]
     if members and not parts["segmenter"]:
         raise ckpt_lib.CheckpointError(
-            "--ensemble averages segmenters: the workdir has none (pass --segmenter_workdir)"
+            "--ensemble averages segmenters' probabilities: the workdir has no segmenter"
         )
     for m in members:
         _check_same_splits(config, m, "--ensemble", "segmentation")

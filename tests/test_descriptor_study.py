@@ -1,6 +1,7 @@
 """The descriptor study's pieces: the leak-free logistic fit and its standardisation."""
 
 import numpy as np
+import pytest
 
 from busi_jax import descriptor_study
 from busi_jax import metrics
@@ -45,3 +46,17 @@ def test_floor_share_counts_every_lesion(tmp_path):
     assert 0.0 <= share["share_half_black"] <= share["share_third_black"] <= 1.0
     assert share["half_black"] == round(6 * share["share_half_black"])
     assert 0 <= share["texture_not_visible"] <= 6
+
+
+def test_pooled_agreement_weights_by_lesions_and_judged_share():
+    a = {
+        "original": {"heterogeneous": {"agreement": 1.0, "judged": 0.5, "all_cases": 0.5, "n": 10}}
+    }
+    b = {
+        "original": {"heterogeneous": {"agreement": 0.5, "judged": 1.0, "all_cases": 0.5, "n": 30}}
+    }
+    pooled = descriptor_study.pooled_agreement({"a": a, "b": b})["original"]["heterogeneous"]
+    assert pooled["n"] == 40
+    assert pooled["judged"] == pytest.approx(35 / 40)
+    assert pooled["agreement"] == pytest.approx(20 / 35)
+    assert pooled["all_cases"] == pytest.approx(20 / 40)

@@ -4,9 +4,11 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from busi_jax import evaluate
@@ -117,39 +119,67 @@ def test_ensemble_of_a_model_with_itself_scores_as_the_model(tiny_pipeline, tmp_
     single = evaluate.evaluate(seg, output=str(tmp_path / "one.json"), **kw)
     double = evaluate.evaluate(seg, output=str(tmp_path / "two.json"), ensemble=[seg], **kw)
     assert double["protocol"]["ensemble"] == [os.fspath(seg)]
+    assert double["protocol"]["ensemble_checkpoint_steps"] == [
+        single["protocol"]["segmenter_checkpoint_step"]
+    ]
     for key in ("lesion_dice", "dice_all", "pixel_accuracy"):
         assert double["segmentation"][key]["mean"] == pytest.approx(
             single["segmentation"][key]["mean"], abs=1e-6
         )
 
 
-def test_classifier_paired_with_a_segmenter_matches_the_pipeline(tiny_pipeline, tmp_path):
+def test_ensemble_averages_its_members(tiny_pipeline, tmp_path, monkeypatch):
+    # A member that is sure of a lesion everywhere lifts every averaged pixel
+    # to >= 0.5: at the fixed 0.5 threshold every pixel becomes lesion.
+    _, workdir, _ = tiny_pipeline
+    seg = pathlib.Path(workdir) / "segmenter"
+    member = tmp_path / "member"
+    shutil.copytree(seg, member)
+    real = evaluate.segmenter_probs
+
+    def fake(path, tta=False):
+        if pathlib.Path(path) == member:
+            return lambda images: np.ones(images.shape[:3], np.float32)
+        return real(path, tta)
+
+    monkeypatch.setattr(evaluate, "segmenter_probs", fake)
+    report = evaluate.evaluate(
+        seg, ensemble=[member], postprocess="none", n_boot=0, plots_enabled=False
+    )
+    assert report["segmentation"]["pixel_recall"]["mean"] == pytest.approx(1.0)
+    assert report["segmentation"]["pixel_accuracy"]["mean"] < 0.5
+    # The default output never overwrites the run's own report.
+    assert (seg / "eval" / "test_ensemble.json").exists()
+
+
+def test_classifier_paired_with_another_segmenter(tiny_pipeline, tmp_path):
     _, workdir, _ = tiny_pipeline
     workdir = pathlib.Path(workdir)
+    other = tmp_path / "other_segmenter"
+    shutil.copytree(workdir / "segmenter", other)
     kw = dict(n_boot=0, plots_enabled=False)
     pipe = evaluate.evaluate(workdir, output=str(tmp_path / "pipe.json"), **kw)
     paired = evaluate.evaluate(
-        workdir / "classifier",
-        output=str(tmp_path / "paired.json"),
-        segmenter_workdir=workdir / "segmenter",
-        **kw,
+        workdir / "classifier", output=str(tmp_path / "paired.json"), segmenter_workdir=other, **kw
     )
+    assert paired["protocol"]["segmenter_workdir"] == os.fspath(other)
     assert paired["classification"]["masks"] == "predicted"
+    # The copy holds the same weights: the same masks, the same scores.
     assert paired["classification"]["auc"]["mean"] == pytest.approx(
         pipe["classification"]["auc"]["mean"]
     )
 
 
-def test_ensemble_member_must_be_a_segmenter(tiny_pipeline, tmp_path):
+@pytest.mark.parametrize("case", ["member_not_segmenter", "pair_without_classifier"])
+def test_ensemble_and_pairing_misuse_one_line_error(tiny_pipeline, tmp_path, case):
     from busi_jax import checkpoints
 
     _, workdir, _ = tiny_pipeline
     workdir = pathlib.Path(workdir)
-    with pytest.raises(checkpoints.CheckpointError, match="--ensemble: .* not segmentation"):
-        evaluate.evaluate(
-            workdir / "segmenter",
-            output=str(tmp_path / "x.json"),
-            ensemble=[workdir / "classifier"],
-            n_boot=0,
-            plots_enabled=False,
-        )
+    kw = dict(output=str(tmp_path / "x.json"), n_boot=0, plots_enabled=False)
+    if case == "member_not_segmenter":
+        with pytest.raises(checkpoints.CheckpointError, match="--ensemble: .* not segmentation"):
+            evaluate.evaluate(workdir / "segmenter", ensemble=[workdir / "classifier"], **kw)
+    else:
+        with pytest.raises(checkpoints.CheckpointError, match="holds no classifier"):
+            evaluate.evaluate(workdir / "segmenter", segmenter_workdir=workdir / "segmenter", **kw)
