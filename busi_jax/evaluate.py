@@ -247,15 +247,21 @@ def evaluate(
 
     seg_fn = cls_fn = None
     if parts["multitask"]:
-        mt = multitask_outputs(parts["multitask"], tta)
+        mts = [multitask_outputs(m, tta) for m in [parts["multitask"], *members]]
+
+        def mt(im):
+            # Members average probabilities and logits alike.
+            outs = [f(im) for f in mts]
+            return tuple(np.mean([o[i] for o in outs], axis=0) for i in (0, 1))
+
         seg_fn = lambda im: mt(im)[0]  # noqa: E731
         mt_logits = lambda im, _m: mt(im)[1]  # noqa: E731
         cls_fn = mt_logits
     if parts["segmenter"]:
         seg_fn = segmenter_probs(parts["segmenter"], tta)
-    if members:
-        fns = [seg_fn] + [segmenter_probs(m, tta) for m in members]
-        seg_fn = lambda im: np.mean([f(im) for f in fns], axis=0)  # noqa: E731
+        if members:
+            fns = [seg_fn] + [segmenter_probs(m, tta) for m in members]
+            seg_fn = lambda im: np.mean([f(im) for f in fns], axis=0)  # noqa: E731
     if parts["classifier"]:
         cls_fn = classifier_logits(parts["classifier"])
 
@@ -391,14 +397,19 @@ def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot, force
 
 
 def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
-    """Checks that every ensemble member is a segmenter run on the same data and splits."""
+    """Checks that every ensemble member is a run of the same kind on the same data and splits.
+
+    Members of a segmenter (or a pipeline's segmenter) are segmenters; members
+    of a multitask run are multitask runs, whose logits are averaged too.
+    """
     members = [pathlib.Path(m).expanduser() for m in ensemble]
-    if members and not parts["segmenter"]:
+    if members and not (parts["segmenter"] or parts["multitask"]):
         raise ckpt_lib.CheckpointError(
-            "--ensemble averages segmenters' probabilities: the workdir has no segmenter"
+            "--ensemble averages segmenters or multitask runs: the workdir has neither"
         )
+    task = "segmentation" if parts["segmenter"] else "multitask"
     for m in members:
-        _check_same_splits(config, m, "--ensemble", "segmentation")
+        _check_same_splits(config, m, "--ensemble", task)
     return members
 
 

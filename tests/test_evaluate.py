@@ -183,3 +183,47 @@ def test_ensemble_and_pairing_misuse_one_line_error(tiny_pipeline, tmp_path, cas
     else:
         with pytest.raises(checkpoints.CheckpointError, match="holds no classifier"):
             evaluate.evaluate(workdir / "segmenter", segmenter_workdir=workdir / "segmenter", **kw)
+
+
+@pytest.fixture
+def tiny_multitask(tiny_config, tmp_path):
+    """A 1-epoch width-4 multitask workdir on the tiny dataset."""
+    from busi_jax import train
+    from configs import multitask
+
+    config = multitask.get_config()
+    config.data = tiny_config.data
+    for field in ("batch_size", "eval_batch_size", "progress"):
+        config[field] = tiny_config[field]
+    config.num_epochs = 1
+    config.model.features, config.model.depth, config.model.cls_hidden = 4, 2, 8
+    workdir = tmp_path / "multitask"
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def test_multitask_ensemble_averages_logits_and_probabilities(
+    tiny_multitask, tmp_path, monkeypatch
+):
+    member = tmp_path / "member"
+    shutil.copytree(tiny_multitask, member)
+    real = evaluate.multitask_outputs
+
+    def fake(path, tta=False):
+        run = real(path, tta)
+        if pathlib.Path(path) != member:
+            return run
+
+        def mirrored(images):
+            probs, logits = run(images)
+            return np.ones_like(probs), -logits  # cancels the first member's logits
+
+        return mirrored
+
+    monkeypatch.setattr(evaluate, "multitask_outputs", fake)
+    report = evaluate.evaluate(
+        tiny_multitask, ensemble=[member], postprocess="none", n_boot=0, plots_enabled=False
+    )
+    assert report["classification"]["auc"]["mean"] == pytest.approx(0.5)  # all logits 0: ties
+    assert report["segmentation"]["pixel_recall"]["mean"] == pytest.approx(1.0)
+    assert report["protocol"]["ensemble"] == [os.fspath(member)]
