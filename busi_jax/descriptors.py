@@ -173,7 +173,7 @@ class Thresholds:
     # (None), not a guess; the phantoms' truth says the same of a lesion whose
     # speckle-free interior is mostly below the display floor
     # (synthetic._texture_visible). That is 5.4% of BUSI's lesions
-    # (ground-truth masks) but about a quarter of the phantoms'.
+    # (ground-truth masks) but about a fifth of the phantoms'.
     black_level: int = 2
     texture_max_black: float = 0.5
 
