@@ -248,7 +248,7 @@ def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -
     mt = None
     if multitask_workdir:
         # A run on other splits may have seen this test split.
-        evaluate._check_same_splits(
+        evaluate.check_same_splits(
             config, pathlib.Path(multitask_workdir), "--multitask_workdir", "multitask"
         )
         mt = evaluate.multitask_outputs(multitask_workdir)

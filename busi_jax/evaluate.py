@@ -2,7 +2,7 @@
 
     python -m busi_jax.evaluate --workdir=DIR [--data_dir=FOLDER] [--output=FILE.json]
         [--split=test] [--tta] [--postprocess=auto|none] [--n_boot=1000]
-        [--segmenter_workdir=SEG_DIR] [--ensemble=SEG_DIR2,SEG_DIR3]
+        [--segmenter_workdir=SEG_DIR] [--ensemble=DIR2,DIR3]
 
 DIR may be a segmenter, classifier, multitask or pipeline workdir. One JSON
 holds the segmentation metrics (lesion Dice/IoU, all-scan Dice/IoU with the
@@ -17,7 +17,8 @@ never on the data being scored.
 
 ``--segmenter_workdir`` pairs a classifier with another segmenter (and scores
 one trained on ground-truth masks on predicted ones); ``--ensemble`` averages
-the lesion probabilities of several segmenters trained on the same splits.
+the lesion probabilities of several segmenters (or the probabilities and
+logits of several multitask runs) trained on the same splits.
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def evaluate(
       segmenter_workdir: a segmenter run whose predicted masks replace those of
         the workdir's own segmenter; a classifier trained on ground-truth masks
         is then scored on these predicted masks (a deployable score).
-      ensemble: further segmenter runs on the same data and splits; their
-        lesion probabilities are averaged with the segmenter's before
+      ensemble: further segmenter (or, for a multitask workdir, multitask)
+        runs on the same data and splits; their lesion probabilities (and
+        multitask logits) are averaged with the workdir's before
         post-processing (which is then chosen on validation for the average).
 
     Returns:
@@ -223,7 +225,7 @@ def evaluate(
                 " classifier (to score a segmenter, pass it as --workdir)"
             )
         parts["segmenter"] = pathlib.Path(segmenter_workdir).expanduser()
-        _check_same_splits(
+        check_same_splits(
             inference.load_config(parts["classifier"]),
             parts["segmenter"],
             "--segmenter_workdir",
@@ -409,12 +411,15 @@ def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
         )
     task = "segmentation" if parts["segmenter"] else "multitask"
     for m in members:
-        _check_same_splits(config, m, "--ensemble", task)
+        check_same_splits(config, m, "--ensemble", task)
     return members
 
 
-def _check_same_splits(config, other: pathlib.Path, flag: str, task: str) -> None:
-    """Raises unless ``other`` holds a ``task`` run on ``config``'s data and splits."""
+def check_same_splits(config, other: pathlib.Path, flag: str, task: str) -> None:
+    """Raises CheckpointError unless ``other`` holds a ``task`` run on ``config``'s data and splits.
+
+    ``flag`` names the option in the message (e.g. ``--ensemble``).
+    """
     cfg = inference.load_config(other)
     if cfg.task != task:
         raise ckpt_lib.CheckpointError(f"{flag}: {other} holds a {cfg.task} run, not {task}")
@@ -520,7 +525,7 @@ def main(argv=None) -> None:
         "Score the classifier on this segmenter's predicted masks (even one trained on true masks).",
     )
     flags.DEFINE_list(
-        "ensemble", [], "More segmenter workdirs whose probabilities are averaged with the first."
+        "ensemble", [], "More segmenter (or multitask) workdirs averaged with --workdir's."
     )
     flags.mark_flag_as_required("workdir")
     FLAGS = flags.FLAGS
