@@ -20,6 +20,10 @@ Two questions:
    ``--multitask_workdir``) a multitask network's logit, combined by a
    logistic regression fitted on the ``validation`` split, on which no
    weights were trained (it did pick checkpoints and post-processing).
+
+``--classifier_workdir`` replaces the pipeline's classifier with another run
+on the same splits (e.g. a CNN trained on ground-truth masks), still fed the
+segmenter's predicted masks; ``--workdir`` may then be a plain segmenter run.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tempfile
 import numpy as np
 from scipy import optimize
 
+from busi_jax import checkpoints as ckpt_lib
 from busi_jax import data as data_lib
 from busi_jax import descriptors as desc_lib
 from busi_jax import evalmetrics
@@ -227,13 +232,21 @@ def _auc_ci(scores: np.ndarray, labels: np.ndarray, n_boot: int = 1000) -> list[
     return evalmetrics.bootstrap_ci(idx, stat, n_boot, strata=labels)["ci95"]
 
 
-def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -> dict:
+def study(
+    workdir: str,
+    manual_dir: str,
+    multitask_workdir: str | None = None,
+    classifier_workdir: str | None = None,
+) -> dict:
     """Association, added value and stacking on a BUSI build (see the module docstring).
 
     Args:
-        workdir: pipeline workdir (segmenter + classifier on its masks).
+        workdir: pipeline workdir (segmenter + classifier on its masks), or a
+            segmenter run when ``classifier_workdir`` is given.
         manual_dir: the BUSI folder the dataset was built from.
         multitask_workdir: optional multitask run whose malignancy logit joins the stack.
+        classifier_workdir: optional classifier run (same data and splits) used
+            instead of the pipeline's, fed the segmenter's predicted masks.
 
     Returns:
         JSON-able dict: association per descriptor, test AUCs with 95%
@@ -241,7 +254,17 @@ def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -
     """
     parts = evaluate.resolve(workdir)
     seg_dir, cls_dir = parts["segmenter"], parts["classifier"]
+    if seg_dir is None:
+        raise ckpt_lib.CheckpointError(f"--workdir: {workdir} holds no segmenter")
     config = inference.load_config(seg_dir)
+    if classifier_workdir:
+        cls_dir = pathlib.Path(classifier_workdir).expanduser()
+        # A classifier trained on other splits may have seen this test split.
+        evaluate.check_same_splits(config, cls_dir, "--classifier_workdir", "classification")
+    if cls_dir is None:
+        raise ckpt_lib.CheckpointError(
+            f"--workdir: {workdir} holds no classifier; pass --classifier_workdir"
+        )
     size = int(config.data.image_size)
     seg = evaluate.segmenter_probs(seg_dir)
     cls = evaluate.classifier_logits(cls_dir)
@@ -342,6 +365,8 @@ def study(workdir: str, manual_dir: str, multitask_workdir: str | None = None) -
     test_scores["stack_on_validation"] = score(ste_s, w_stack)
     return {
         "data": f"busi/{size} from {manual_dir}; descriptors on original-size scans with predicted masks",
+        "segmenter_workdir": str(seg_dir),
+        "classifier_workdir": str(cls_dir),
         "postprocess": pp_cfg.describe(),
         "n_lesion_scans": {
             s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")
@@ -362,6 +387,12 @@ def main(argv=None) -> None:
     flags.DEFINE_string("manual_dir", None, "The BUSI folder the dataset was built from.")
     flags.DEFINE_string(
         "multitask_workdir", None, "Optional multitask run whose logit joins the stacking."
+    )
+    flags.DEFINE_string(
+        "classifier_workdir",
+        None,
+        "Optional classifier run (same splits) scored on the segmenter's masks instead of"
+        " the pipeline's classifier.",
     )
     flags.DEFINE_list(
         "phantom_seeds", None, "Instead of BUSI: agreement with the truth of these phantom seeds."
@@ -409,7 +440,13 @@ def main(argv=None) -> None:
                 file=sys.stderr,
             )
             sys.exit(1)
-        out = cli.run_command(study, FLAGS.workdir, FLAGS.manual_dir, FLAGS.multitask_workdir)
+        out = cli.run_command(
+            study,
+            FLAGS.workdir,
+            FLAGS.manual_dir,
+            FLAGS.multitask_workdir,
+            FLAGS.classifier_workdir,
+        )
         busi_io.atomic_write_json(FLAGS.output, out)
         print(out["test_auc"])
 

@@ -60,3 +60,26 @@ def test_pooled_agreement_weights_by_lesions_and_judged_share():
     assert pooled["judged"] == pytest.approx(35 / 40)
     assert pooled["agreement"] == pytest.approx(20 / 35)
     assert pooled["all_cases"] == pytest.approx(20 / 40)
+
+
+def test_study_swaps_in_another_classifier_and_refuses_a_wrong_one(tiny_pipeline, tiny_data_dir):
+    from busi_jax import checkpoints
+    from busi_jax import evaluate
+
+    _, workdir, _ = tiny_pipeline
+    manual = tiny_data_dir / "synthetic_manual" / "seed0_n6"
+    parts = evaluate.resolve(workdir)
+    base = descriptor_study.study(str(workdir), str(manual))
+    # The pipeline's own classifier passed explicitly, beside a bare segmenter run.
+    swapped = descriptor_study.study(
+        str(parts["segmenter"]), str(manual), classifier_workdir=str(parts["classifier"])
+    )
+    for key in ("test_auc", "stack_weights_standardised", "n_lesion_scans"):
+        np.testing.assert_equal(swapped[key], base[key])
+    assert swapped["classifier_workdir"] == str(parts["classifier"])
+    with pytest.raises(checkpoints.CheckpointError, match="holds a segmentation run"):
+        descriptor_study.study(
+            str(parts["segmenter"]), str(manual), classifier_workdir=str(parts["segmenter"])
+        )
+    with pytest.raises(checkpoints.CheckpointError, match="holds no classifier"):
+        descriptor_study.study(str(parts["segmenter"]), str(manual))
