@@ -16,6 +16,11 @@ Two families of augmentation are applied, in this order:
    they see bit-identical sampling coordinates and cannot drift apart.
 2. **Intensity** (scan only, after the warp): multiplicative speckle,
    contrast, brightness and gamma, then a clip to ``[0, 1]``.
+3. **Mask input noise** (mask only, off by default; for a classifier, whose
+   mask is an *input*, never for a segmenter, whose mask is the target): a
+   Gaussian blur of random width and a re-threshold at a random level, which
+   rounds off fine margin detail and moves the border in or out by a few
+   pixels, as a segmenter's predicted masks do.
 
 Coordinate convention
 ---------------------
@@ -71,13 +76,14 @@ __all__ = [
     "augment_batch",
     "compose_affine",
     "intensity_augment",
+    "perturb_masks",
     "sample_affine",
     "warp",
 ]
 
 # Fields that hold a (low, high) range; they are normalised to tuples of
 # floats so that the config stays hashable (it is a static jit argument).
-_RANGE_FIELDS = ("scale_range", "contrast_range", "gamma_range")
+_RANGE_FIELDS = ("scale_range", "contrast_range", "gamma_range", "mask_level_range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +125,13 @@ class AugmentConfig:
         (mean 1, so the average brightness is unchanged). Multiplicative
         noise is the physical model of ultrasound speckle and leaves the
         black background black.
+      mask_blur_sigma: Maximum Gaussian blur, in pixels, ``[0, 8]``, of the
+        mask input noise: each sample draws ``sigma ~ U[0, mask_blur_sigma]``.
+        Only for a classifier fed a mask (``train.validate_config`` refuses
+        it for a segmentation target).
+      mask_level_range: ``(low, high)`` in ``(0, 1)``: the blurred mask is
+        re-thresholded at a level drawn uniformly from it. Below 0.5 grows
+        the mask, above 0.5 shrinks it. ``(0.5, 0.5)`` with a zero blur is off.
     """
 
     enabled: bool = True
@@ -132,6 +145,8 @@ class AugmentConfig:
     contrast_range: tuple[float, float] = (0.8, 1.2)
     gamma_range: tuple[float, float] = (0.8, 1.25)
     speckle_sigma: float = 0.1
+    mask_blur_sigma: float = 0.0
+    mask_level_range: tuple[float, float] = (0.5, 0.5)
 
     def __post_init__(self):
         # Normalise types first (lists -> tuples, ints -> floats) so equal
@@ -162,6 +177,12 @@ class AugmentConfig:
             raise ValueError(f"brightness_delta must be in [0, 1], got {self.brightness_delta}")
         if self.speckle_sigma < 0.0:
             raise ValueError(f"speckle_sigma must be >= 0, got {self.speckle_sigma}")
+        if not 0.0 <= self.mask_blur_sigma <= _MAX_MASK_SIGMA:
+            raise ValueError(
+                f"mask_blur_sigma must be in [0, {_MAX_MASK_SIGMA:g}], got {self.mask_blur_sigma}"
+            )
+        if not self.mask_level_range[1] < 1.0:
+            raise ValueError(f"mask_level_range must lie in (0, 1), got {self.mask_level_range}")
         for name in _RANGE_FIELDS:
             low, high = getattr(self, name)
             if low <= 0.0:
@@ -220,6 +241,11 @@ class AugmentConfig:
         )
 
     @property
+    def mask_identity(self) -> bool:
+        """True when the mask input noise is off."""
+        return self.mask_blur_sigma == 0.0 and self.mask_level_range == (0.5, 0.5)
+
+    @property
     def intensity_identity(self) -> bool:
         """True when no intensity augmentation can change the scan."""
         return (
@@ -246,6 +272,11 @@ def _as_range(name: str, value: Any) -> tuple[float, float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise ValueError(f"{name} must be a (low, high) pair, got {value!r}")
     return (_as_float(name, value[0]), _as_float(name, value[1]))
+
+
+# Blur kernels are cut at 3 sigma; 8 px (a 49-tap kernel) already erases most of
+# a small lesion at 128 px.
+_MAX_MASK_SIGMA = 8.0
 
 
 # ---------------------------------------------------------------------------
@@ -539,6 +570,47 @@ def intensity_augment(key: jax.Array, images: jax.Array, cfg: AugmentConfig) -> 
     return out.astype(images.dtype)
 
 
+def perturb_masks(key: jax.Array, masks: jax.Array, cfg: AugmentConfig) -> jax.Array:
+    """Mask input noise: blur each mask by a random width, re-threshold at a random level.
+
+    A classifier trained on ground-truth masks meets a segmenter's masks at
+    test time: rounder, missing fine margin detail, their borders a few
+    pixels in or out. Training it on masks degraded that way teaches it not
+    to lean on detail that will not be there.
+
+    Args:
+      key: PRNG key.
+      masks: ``[B, H, W, K]`` binary masks.
+      cfg: ``AugmentConfig``; ``mask_blur_sigma`` and ``mask_level_range``.
+
+    Returns:
+      ``[B, H, W, K]`` binary masks of ``masks``' dtype.
+    """
+    if cfg.mask_identity:
+        return masks
+    k_sigma, k_level = jax.random.split(key)
+    batch = masks.shape[0]
+    sigma = jax.random.uniform(k_sigma, (batch,), maxval=cfg.mask_blur_sigma)
+    low, high = cfg.mask_level_range
+    level = jax.random.uniform(k_level, (batch,), minval=low, maxval=high)
+    radius = max(1, math.ceil(3 * cfg.mask_blur_sigma))
+    taps = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+    # A zero width gives a unit impulse: the mask passes through unchanged.
+    kern = jnp.exp(-0.5 * (taps[None] / jnp.maximum(sigma[:, None], 1e-3)) ** 2)
+    kern = kern / jnp.sum(kern, axis=1, keepdims=True)  # [B, T]
+
+    def blur_one(m, k):  # m [H, W, K], k [T]: separable, zero outside the image.
+        x = jnp.moveaxis(m.astype(jnp.float32), -1, 0)[..., None]  # [K, H, W, 1]
+        for shape in ((k.size, 1, 1, 1), (1, k.size, 1, 1)):
+            x = jax.lax.conv_general_dilated(
+                x, k.reshape(shape), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        return jnp.moveaxis(x[..., 0], 0, -1)
+
+    blurred = jax.vmap(blur_one)(masks, kern)
+    return (blurred >= level[:, None, None, None]).astype(masks.dtype)
+
+
 # ---------------------------------------------------------------------------
 # Entry point.
 # ---------------------------------------------------------------------------
@@ -594,4 +666,6 @@ def augment_batch(
         masks = (warped[..., channels:] >= 0.5).astype(masks.dtype)
 
     images = intensity_augment(k_intensity, images, cfg)
+    # Folded in, not split off, so runs without it draw what they always drew.
+    masks = perturb_masks(jax.random.fold_in(key, 2), masks, cfg)
     return images, masks

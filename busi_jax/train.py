@@ -278,9 +278,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     n_dev = jax.device_count()
     need(config.batch_size % n_dev == 0, "batch_size", f"must be divisible by the {n_dev} devices")
     try:
-        augment_lib.AugmentConfig.from_config(config.augment)
+        aug = augment_lib.AugmentConfig.from_config(config.augment)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config.augment: {e}") from None
+    # Noise on a segmentation target would teach the segmenter wrong borders.
+    need(
+        aug.mask_identity or config.task == "classification",
+        "augment.mask_blur_sigma",
+        "and augment.mask_level_range perturb the mask, which only a classifier takes as"
+        " input: keep them at 0 and (0.5, 0.5) for segmentation and multitask",
+    )
 
 
 def _get(config, dotted):

@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.contrast_range = (0.8, 1.2)  # Scan-only contrast factors.
     config.augment.gamma_range = (0.8, 1.25)  # Scan-only gamma.
     config.augment.speckle_sigma = 0.1  # Scan-only multiplicative speckle strength.
+    config.augment.mask_blur_sigma = 0.0  # Classifier only: max blur (px) of its mask input.
+    config.augment.mask_level_range = (0.5, 0.5)  # Classifier only: re-threshold levels.
 
     config.classifier = ml_collections.ConfigDict()
     config.classifier.input_mode = "image_mask"  # 'image' | 'image_mask' | 'masked'.

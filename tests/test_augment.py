@@ -306,6 +306,11 @@ def test_from_config_accepts_configdict_and_dict():
         ("gamma_range", (0.0, 1.0)),
         ("speckle_sigma", -0.1),
         ("speckle_sigma", float("nan")),
+        ("mask_blur_sigma", -1.0),
+        ("mask_blur_sigma", 9.0),
+        ("mask_level_range", (0.0, 0.5)),
+        ("mask_level_range", (0.5, 1.0)),
+        ("mask_level_range", (0.7, 0.3)),
         ("rotation_deg", "15"),
         ("enabled", 1),
     ],
@@ -327,3 +332,67 @@ def test_unknown_config_key_and_bad_shapes_raise():
         warp(scans, jnp.eye(3)[None], order=1)
     with pytest.raises(ValueError, match="same B, H, W"):
         augment_batch(jax.random.key(0), scans, masks[:, :16])
+
+
+def _disc(radius, size=64, spikes=False):
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    m = (xx**2 + yy**2 <= radius**2).astype(np.float32)
+    if spikes:  # 1-px spicules, the fine margin detail a segmenter rounds off.
+        m[size // 2, size // 2 : size // 2 + radius + 8] = 1.0
+        m[size // 2 - radius - 8 : size // 2, size // 2] = 1.0
+    return m[None, :, :, None]
+
+
+def test_mask_noise_off_by_default_and_leaves_the_scan_alone():
+    scans, masks = _random_batch()
+    cfg = AugmentConfig()
+    assert cfg.mask_identity
+    key = jax.random.key(3)
+    noisy = dataclasses.replace(cfg, mask_blur_sigma=2.0, mask_level_range=(0.3, 0.7))
+    s0, m0 = augment_batch(key, scans, masks, cfg)
+    s1, m1 = augment_batch(key, scans, masks, noisy)
+    # Same key: the same geometry and intensity draws; only the mask differs.
+    np.testing.assert_array_equal(np.asarray(s0), np.asarray(s1))
+    assert not np.array_equal(np.asarray(m0), np.asarray(m1))
+    assert set(np.unique(np.asarray(m1))) <= {0.0, 1.0}
+    assert m1.shape == masks.shape and m1.dtype == masks.dtype
+
+
+def test_mask_noise_level_grows_or_shrinks_and_blur_removes_spicules():
+    disc = jnp.asarray(np.concatenate([_disc(16)] * 4))
+    area = float(disc[0].sum())
+
+    def areas(level, sigma=3.0):
+        cfg = AugmentConfig(mask_blur_sigma=sigma, mask_level_range=(level, level))
+        return np.asarray(augment.perturb_masks(jax.random.key(0), disc, cfg).sum((1, 2, 3)))
+
+    assert (areas(0.2) >= area).all() and (areas(0.2) > area).any()
+    assert (areas(0.8) <= area).all() and (areas(0.8) < area).any()
+    spiky = jnp.asarray(_disc(16, spikes=True))
+    cfg = AugmentConfig(mask_blur_sigma=4.0, mask_level_range=(0.5, 0.5))
+    # Draws sigma in [0, 4]; fold keys until one blurs by >= 2 px.
+    outs = [augment.perturb_masks(jax.random.key(k), spiky, cfg) for k in range(8)]
+    smooth = [np.asarray(o[0, :, :, 0]) for o in outs]
+    # A blur of any width >= 1 px erases a 1-px spicule at level 0.5, keeps the disc.
+    assert any(s.sum() < _disc(16).sum() + 2 for s in smooth)
+    assert all(s[32, 32] == 1.0 for s in smooth)
+
+
+def test_mask_noise_is_refused_for_segmentation(tiny_config, tmp_path):
+    from busi_jax import train
+
+    tiny_config.augment.mask_blur_sigma = 2.0
+    with pytest.raises(
+        train.ConfigError, match="config.augment.mask_blur_sigma.*only a classifier"
+    ):
+        train.train_and_evaluate(tiny_config, tmp_path)
+
+
+def test_mask_noise_is_accepted_for_a_classifier():
+    from busi_jax import train
+    from configs import classifier
+
+    config = classifier.get_config()
+    config.augment.mask_blur_sigma = 2.0
+    config.augment.mask_level_range = (0.3, 0.7)
+    train.validate_config(config)  # No error: the mask is the classifier's input.
