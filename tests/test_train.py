@@ -244,3 +244,24 @@ def test_checkpoint_of_another_model_is_one_clear_error(tiny_config, tmp_path):
     tiny_config.model.features = 6
     with pytest.raises(checkpoints.CheckpointError, match="does not fit this config's model"):
         train.train_and_evaluate(tiny_config, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        p.stem
+        for p in (ROOT / "configs").glob("*.py")
+        if not p.stem.startswith("_") and p.stem not in ("pipeline", "table1")
+    ),
+)
+def test_every_experiment_config_validates_and_builds_its_model(name):
+    import importlib
+
+    from busi_jax import models
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    train.validate_config(config)
+    model = models.create_model(config.model)
+    assert isinstance(model, models.MODELS[config.model.name])
+    if name == "unetpp_ds":
+        assert model.deep_supervision and model.num_heads == config.model.depth
