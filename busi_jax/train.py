@@ -266,6 +266,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     need(config.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
     need(config.keep_best >= 1, "keep_best", "must be >= 1")
     need(0 <= config.ema_decay < 1, "ema_decay", "must lie in [0, 1)")
+    need(isinstance(config.get("ema_warmup", True), bool), "ema_warmup", "must be True or False")
     need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(config.grad_clip >= 0, "grad_clip", "must be >= 0")
     need(0 < config.threshold < 1, "threshold", "must lie in (0, 1)")
@@ -334,6 +335,21 @@ def to_model_batch(raw: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def ema_decay_at(step: jax.Array, ema_decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay used at optimizer step ``step`` (counted from 0).
+
+    With ``warmup`` the decay is ``min(ema_decay, (1 + step) / (10 + step))``
+    (the ``num_updates`` rule of TensorFlow's ExponentialMovingAverage):
+    0.1 at the first step, 0.9 after 80, capped at ``ema_decay``. Without it,
+    a decay of 0.99 keeps 44% of the random initialisation after 80 steps, and
+    the averaged network is useless for the first epochs.
+    """
+    if not warmup or ema_decay == 0.0:
+        return jnp.asarray(ema_decay, jnp.float32)
+    t = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(ema_decay), (1.0 + t) / (10.0 + t))
+
+
 def train_step(
     state: TrainState,
     raw_batch: Mapping[str, jax.Array],
@@ -342,6 +358,7 @@ def train_step(
     tx: optax.GradientTransformation,
     aug_cfg: augment_lib.AugmentConfig,
     ema_decay: float,
+    ema_warmup: bool = True,
 ) -> tuple[TrainState, dict]:
     """One optimizer update on an augmented batch.
 
@@ -353,6 +370,7 @@ def train_step(
         tx: the optimizer.
         aug_cfg: augmentation (static).
         ema_decay: EMA decay (static); 0 copies the parameters.
+        ema_warmup: ramp the decay up from 0.1 (see :func:`ema_decay_at`).
 
     Returns:
         The new state and ``{'loss': scalar}``.
@@ -377,7 +395,8 @@ def train_step(
     (loss, batch_stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     new_state = state.replace(
         step=state.step + 1,
         params=params,
@@ -686,7 +705,15 @@ def train_and_evaluate(
         raw = jax.lax.with_sharding_constraint(raw, batch_sharding)
         # The PRNG key is stored as raw key data so Orbax can save it.
         s = state.replace(rng=jax.random.wrap_key_data(state.rng, impl=PRNG_IMPL))
-        s, m = train_step(s, raw, task=task, tx=tx, aug_cfg=aug_cfg, ema_decay=config.ema_decay)
+        s, m = train_step(
+            s,
+            raw,
+            task=task,
+            tx=tx,
+            aug_cfg=aug_cfg,
+            ema_decay=config.ema_decay,
+            ema_warmup=config.get("ema_warmup", True),
+        )
         return s.replace(rng=jax.random.key_data(s.rng)), m
 
     eval_fn = jax.jit(functools.partial(eval_step, task=task))

@@ -72,6 +72,7 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
         ("learning_rate", -1e-3, "positive"),
         ("num_epochs", 0, "positive"),
         ("schedule", "linear", "must be"),
+        ("ema_decay", 1.0, "must lie in"),
     ],
 )
 def test_bad_config_values(tiny_config, tmp_path, field, value, msg):
@@ -265,3 +266,43 @@ def test_every_experiment_config_validates_and_builds_its_model(name):
     assert isinstance(model, models.MODELS[config.model.name])
     if name == "unetpp_ds":
         assert model.deep_supervision and model.num_heads == config.model.depth
+
+
+def test_ema_decay_warms_up_then_caps():
+    import numpy as np
+
+    at = lambda step, warm: float(train.ema_decay_at(step, 0.99, warm))  # noqa: E731
+    assert at(0, True) == pytest.approx(0.1)
+    assert at(80, True) == pytest.approx(0.9)
+    assert at(10_000, True) == pytest.approx(0.99)
+    assert at(0, False) == pytest.approx(0.99)
+    assert float(train.ema_decay_at(5, 0.0, True)) == 0.0
+    steps = np.arange(0, 2000, 50)
+    decays = [at(t, True) for t in steps]
+    assert np.all(np.diff(decays) >= 0)
+
+
+def test_train_step_ema_follows_the_warmed_up_decay(tiny_config):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from busi_jax import augment as augment_lib
+
+    task = train.make_task(tiny_config)
+    tx = train.make_optimizer(tiny_config, steps_per_epoch=4)
+    rng = np.random.default_rng(0)
+    raw = {
+        "image": jnp.asarray(rng.integers(0, 255, (4, 128, 128, 1), dtype=np.uint8)),
+        "mask": jnp.asarray((rng.random((4, 128, 128, 1)) > 0.7).astype(np.uint8)),
+    }
+    state = train.init_state(task, tx, raw, jax.random.key(0), jax.random.key(1))
+    cfg = augment_lib.AugmentConfig(enabled=False)
+    leaf = lambda tree: np.asarray(jax.tree.leaves(tree)[0])  # noqa: E731
+    for warmup, decay in ((True, 0.1), (False, 0.99)):
+        new, _ = train.train_step(
+            state, raw, task=task, tx=tx, aug_cfg=cfg, ema_decay=0.99, ema_warmup=warmup
+        )
+        expect = decay * leaf(state.params) + (1 - decay) * leaf(new.params)
+        np.testing.assert_allclose(leaf(new.ema_params), expect, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(leaf(new.params), leaf(state.params))
