@@ -13,4 +13,4 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -e ".[test]"
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
