@@ -44,9 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.warmup_epochs = 0  # Linear warm-up before 'cosine'.
     config.grad_clip = 0.0  # Global-norm clipping; 0 disables.
     config.ema_decay = 0.0  # EMA of weights for evaluation; 0 disables.
-    config.ema_warmup = (
-        True  # Decay min(ema_decay, (1+t)/(10+t)): early averages track the weights.
-    )
+    config.ema_warmup = True  # Decay min(ema_decay, (1+t)/(10+t)) early on.
 
     config.batch_size = 16  # Global batch; must divide by the number of devices.
     config.eval_batch_size = 32  # Evaluation batch (padded, so any size works).
