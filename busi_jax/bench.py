@@ -33,7 +33,9 @@ How each number is measured:
   in its own subprocess (unless ``--inprocess``), which imports only the
   framework it times, so this is that configuration's own peak.
 * ``gflop_per_step``: XLA's count for the compiled JAX train step
-  (``cost_analysis()['flops']``: forward, backward, augmentation and Adam).
+  (``cost_analysis()['flops']``: forward, backward, augmentation and Adam;
+  for ``nhwc/native`` rows, that of the same step with XLA's weight gradient,
+  since XLA cannot see inside the C++ kernel).
   PyTorch rows reuse the JAX fp32 count of the same architecture: the networks
   are identical (their parameter counts are asserted equal).
 * ``fraction_of_peak``: achieved GFLOP/s (``gflop_per_step`` / median step
@@ -127,6 +129,7 @@ def bench_config(
     image_size: int = 128,
     depth: int = 4,
     wgrad_chunks: int = 1,
+    wgrad: str = "xla",
 ):
     """The training config of one benchmark configuration.
 
@@ -142,6 +145,7 @@ def bench_config(
         image_size: side of the square scans.
         depth: number of 2x downsamplings.
         wgrad_chunks: the model's batch-chunked weight gradient (1: XLA's own).
+        wgrad: 'xla' or 'native' (the C++ weight-gradient kernel).
     """
     import ml_collections
 
@@ -159,6 +163,7 @@ def bench_config(
             upsample="transpose",
             dtype=_DTYPES[precision],
             wgrad_chunks=wgrad_chunks,
+            wgrad=wgrad,
         )
     )
     c.loss = "dice_bce"
@@ -219,6 +224,7 @@ def _jax_setup(
     depth: int,
     compile_step: bool = True,
     wgrad_chunks: int = 1,
+    wgrad: str = "xla",
 ):
     """Builds and compiles the training loop's step for one configuration.
 
@@ -246,6 +252,7 @@ def _jax_setup(
         image_size=image_size,
         depth=depth,
         wgrad_chunks=wgrad_chunks,
+        wgrad=wgrad,
     )
     task = train_lib.make_task(config)
     tx = train_lib.make_optimizer(config, steps_per_epoch=1)
@@ -330,6 +337,7 @@ def time_jax(
     warmup: int = 1,
     infer_reps: int = 10,
     wgrad_chunks: int = 1,
+    wgrad: str = "xla",
 ) -> dict:
     """Times the JAX train step and batch-1 inference of one configuration.
 
@@ -345,6 +353,8 @@ def time_jax(
         infer_reps: timed batch-1 forward passes (median).
         wgrad_chunks: batch slices of the wider layers' weight gradients
             (busi_jax.models.conv); shown in the row's layout as "nhwc/wgradN".
+        wgrad: 'native' takes every weight gradient from the C++ kernel
+            (busi_jax/csrc/conv_wgrad.cc); shown as "nhwc/native".
 
     Returns:
         A row (see :data:`ROW_FIELDS`) with ``fraction_of_peak`` None (set by
@@ -353,7 +363,9 @@ def time_jax(
     """
     import jax
 
-    setup = _jax_setup(model, width, precision, batch, image_size, depth, wgrad_chunks=wgrad_chunks)
+    setup = _jax_setup(
+        model, width, precision, batch, image_size, depth, wgrad_chunks=wgrad_chunks, wgrad=wgrad
+    )
     step, state, idxs = setup["step"], setup["state"], setup["idxs"]
 
     for i in range(warmup):
@@ -387,9 +399,18 @@ def time_jax(
         "train_img_per_s": batch / step_s,
         "infer_ms_b1": infer_s * 1e3,
         "peak_rss_mb": _rss_mb(),
-        "gflop_per_step": setup["flops"] / 1e9,
+        # XLA does not count the C++ kernel's work: take the same network's
+        # count with XLA's weight gradient, so rows compare like for like.
+        "gflop_per_step": (
+            setup["flops"]
+            if wgrad == "xla"
+            else jax_step_flops(
+                model, width, precision, batch=batch, image_size=image_size, depth=depth
+            )
+        )
+        / 1e9,
         "fraction_of_peak": None,
-        "layout": "nhwc" if wgrad_chunks <= 1 else f"nhwc/wgrad{wgrad_chunks}",
+        "layout": _jax_layout(wgrad, wgrad_chunks),
         "notes": (
             f"{_step_note(times)}; trace+compile {setup['compile_s']:.1f} s;"
             f" jax {jax.__version__}, {jax.devices()[0].platform}"
@@ -858,6 +879,7 @@ def run_benchmark(
     infer_reps: int = 10,
     jax_precisions: Sequence[str] = JAX_PRECISIONS,
     jax_wgrad_chunks: Sequence[int] = (1,),
+    jax_wgrad: Sequence[str] = ("xla",),
     torch_variants: Sequence[tuple[str, str]] = TORCH_VARIANTS,
     with_torch: bool = True,
     matmul_n: int = 2048,
@@ -873,6 +895,8 @@ def run_benchmark(
         jax_precisions: JAX compute precisions timed.
         jax_wgrad_chunks: for each precision, a JAX row per value (1: XLA's
             weight gradient; N: batch-chunked, busi_jax.models.conv).
+        jax_wgrad: weight-gradient kernels timed: 'xla' (with each of
+            ``jax_wgrad_chunks``) and/or 'native' (the C++ kernel, one row).
         torch_variants: ``(precision, layout)`` PyTorch rows.
         with_torch: False skips the PyTorch rows (as does a missing torch).
         matmul_n: side of the square matrices of the peak measurement.
@@ -893,6 +917,7 @@ def run_benchmark(
         infer_reps=infer_reps,
         jax_precisions=list(jax_precisions),
         jax_wgrad_chunks=list(jax_wgrad_chunks),
+        jax_wgrad=list(jax_wgrad),
         torch_variants=[list(v) for v in torch_variants],
         loss="dice_bce (bce_weight 0.5)",
         optimizer=f"adam, lr {_LR}",
@@ -938,9 +963,15 @@ def run_benchmark(
             flax_n = flax_param_count(model, width, depth)
             params[key] = {"flax": flax_n, "pytorch": None}
             fp32_flops = None
+            variants = [
+                (wg, chunks)
+                for wg in jax_wgrad
+                for chunks in (jax_wgrad_chunks if wg == "xla" else (1,))
+            ]
             for prec in jax_precisions:
-                for chunks in jax_wgrad_chunks:
-                    log(f"jax {model} w{width} {prec} wgrad_chunks={chunks}...")
+                xla_flops = None
+                for wg, chunks in variants:
+                    log(f"jax {model} w{width} {prec} wgrad={wg} wgrad_chunks={chunks}...")
                     try:
                         row = _measure(
                             "jax",
@@ -949,16 +980,22 @@ def run_benchmark(
                                 width=width,
                                 precision=prec,
                                 wgrad_chunks=chunks,
+                                wgrad=wg,
                                 **common,
                             ),
                             inprocess,
                             worker_timeout,
                         )
+                        if wg == "xla":
+                            xla_flops = row["gflop_per_step"]
+                        elif xla_flops:  # The compiled count of the same step, as above.
+                            row["gflop_per_step"] = xla_flops
                         if prec == "fp32":
                             fp32_flops = row["gflop_per_step"]
                     except Exception as e:  # noqa: BLE001 -- one failed row must not end the run.
                         log(f"  failed: {e}")
-                        row = _failed_row("jax", model, width, prec, batch, "nhwc", e)
+                        layout = _jax_layout(wg, chunks)
+                        row = _failed_row("jax", model, width, prec, batch, layout, e)
                     rows.append(add_fraction_of_peak(row, peaks["peak"]))
             if fp32_flops is None and torch_variants:
                 try:
@@ -996,6 +1033,12 @@ def run_benchmark(
     header["ratios"] = ratios(rows)
     header["machine"]["loadavg_end"] = list(os.getloadavg())
     return {"header": header, "rows": [public_row(r) for r in rows]}
+
+
+def _jax_layout(wgrad: str, wgrad_chunks: int) -> str:
+    if wgrad == "native":
+        return "nhwc/native"
+    return "nhwc" if wgrad_chunks <= 1 else f"nhwc/wgrad{wgrad_chunks}"
 
 
 def ratios(rows: Sequence[dict]) -> list[dict]:
@@ -1126,6 +1169,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[1],
         help="JAX rows per precision: weight-gradient batch slices (1 = XLA's own)",
     )
+    p.add_argument(
+        "--jax_wgrad",
+        type=_csv(str),
+        default=None,
+        help="JAX weight-gradient kernels: xla and/or native (default xla; xla,native with --quick)",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument(
         "--inprocess", action="store_true", help="no subprocess per row (RSS then accumulates)"
@@ -1145,6 +1194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown model(s) {unknown}; choose from {list(MODELS)}", file=sys.stderr)
         return 1
+    jax_wgrad = args.jax_wgrad or (["xla", "native"] if args.quick else ["xla"])
+    bad = sorted(set(jax_wgrad) - {"xla", "native"})
+    if bad:
+        print(f"error: --jax_wgrad {bad} not valid; choose from ['xla', 'native']", file=sys.stderr)
+        return 1
     result = run_benchmark(
         models,
         widths,
@@ -1156,6 +1210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         infer_reps=args.infer_reps,
         jax_precisions=("fp32",) if args.quick else JAX_PRECISIONS,
         jax_wgrad_chunks=args.jax_wgrad_chunks,
+        jax_wgrad=jax_wgrad,
         torch_variants=QUICK_TORCH_VARIANTS if args.quick else TORCH_VARIANTS,
         with_torch=not args.no_torch,
         matmul_n=args.matmul_n,

@@ -51,7 +51,9 @@ def test_jax_row_schema(no_torch_run):
     status, _, result = no_torch_run
     assert status == 0
     assert set(result) == {"header", "rows"}
-    (row,) = result["rows"]
+    # --quick times XLA's weight gradient and the C++ kernel's.
+    row, native_row = result["rows"]
+    assert native_row["layout"] == "nhwc/native" and native_row["train_img_per_s"] > 0
     assert tuple(row) == bench.ROW_FIELDS
     assert (row["framework"], row["model"], row["width"], row["precision"], row["batch"]) == (
         "jax",
@@ -148,8 +150,29 @@ def test_wgrad_chunk_rows(tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "torch", None)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            status = bench.main([*TINY_ARGS, "--jax_wgrad_chunks=1,2", f"--output={out}"])
+            status = bench.main(
+                [*TINY_ARGS, "--jax_wgrad=xla", "--jax_wgrad_chunks=1,2", f"--output={out}"]
+            )
     assert status == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["layout"] for r in rows] == ["nhwc", "nhwc/wgrad2"]
     assert all(r["train_img_per_s"] > 0 for r in rows)
+
+
+def test_native_wgrad_rows(tmp_path):
+    """--jax_wgrad=xla,native times the C++ weight gradient beside XLA's, same FLOP count."""
+    out = tmp_path / "bench.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "torch", None)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            status = bench.main(
+                [*TINY_ARGS, "--jax_wgrad=xla,native", "--jax_wgrad_chunks=1,2", f"--output={out}"]
+            )
+    assert status == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["nhwc", "nhwc/wgrad2", "nhwc/native"]
+    assert all(r["train_img_per_s"] > 0 for r in rows)
+    assert rows[2]["gflop_per_step"] == pytest.approx(rows[0]["gflop_per_step"], rel=1e-6)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert bench.main([*TINY_ARGS, "--jax_wgrad=fast"]) == 1
+    assert "--jax_wgrad ['fast'] not valid" in err.getvalue()

@@ -9,6 +9,7 @@ draw, i.e. tens of seconds per model init, while rbg compiles in a fraction.
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -645,3 +646,35 @@ def test_classifier_separates_round_from_elongated_lesions():
     logits = _fit(cls_model(), x, None, steps=80, labels=labels, seg=False)
     assert logits.shape == (8,)
     np.testing.assert_array_equal(np.asarray(logits > 0), np.asarray(labels, bool))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_deconv2x2_is_the_transposed_conv_it_replaces(dtype):
+    """Same parameters, initialisation, outputs and gradients as nn.ConvTranspose."""
+    from busi_jax.models.blocks import HE_INIT, Deconv2x2
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 12))
+    ref = nn.ConvTranspose(
+        8, (2, 2), strides=(2, 2), padding="VALID", kernel_init=HE_INIT, dtype=dtype
+    )
+    new = Deconv2x2(8, dtype=dtype)
+    v_ref, v_new = ref.init(jax.random.key(1), x), new.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, v_ref) == jax.tree.map(jnp.shape, v_new)
+    for a, b in zip(jax.tree.leaves(v_ref), jax.tree.leaves(v_new)):
+        np.testing.assert_array_equal(a, b)
+    # A non-zero bias, so a bias bug shows.
+    v = {"params": {**v_ref["params"], "bias": jnp.linspace(-1, 1, 8)}}
+    y = new.apply(v, x)
+    assert y.shape == (2, 10, 12, 8) and y.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(
+        np.asarray(y, np.float32), np.asarray(ref.apply(v, x), np.float32), atol=tol, rtol=tol
+    )
+
+    def loss(v, x, m):
+        return jnp.sum(jnp.sin(m.apply(v, x).astype(jnp.float32)))
+
+    g_ref = jax.grad(loss, argnums=(0, 1))(v, x, ref)
+    g_new = jax.grad(loss, argnums=(0, 1))(v, x, new)
+    for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_new)):
+        np.testing.assert_allclose(b, a, atol=tol * float(jnp.max(jnp.abs(a))), rtol=tol)

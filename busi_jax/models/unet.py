@@ -17,6 +17,7 @@ from busi_jax.models.blocks import (
     PARAM_DTYPE,
     SE_MODES,
     UPSAMPLE_MODES,
+    WGRAD_MODES,
     AttentionGate,
     ConvBlock,
     DilatedBottleneck,
@@ -68,6 +69,7 @@ class UNetEncoder(nn.Module):
     dilations: Sequence[int] = (1, 2, 4)
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
+    wgrad: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[list[jax.Array], jax.Array]:
@@ -89,6 +91,7 @@ class UNetEncoder(nn.Module):
             norm_groups=self.norm_groups,
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
+            wgrad=self.wgrad,
         )
         skips = []
         for i in range(self.depth):
@@ -128,6 +131,7 @@ class UNetDecoder(nn.Module):
     attention: bool = False
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
+    wgrad: str = "xla"
 
     @nn.compact
     def __call__(self, skips: Sequence[jax.Array], x: jax.Array, train: bool = False) -> jax.Array:
@@ -158,6 +162,7 @@ class UNetDecoder(nn.Module):
                 norm_groups=self.norm_groups,
                 dtype=self.dtype,
                 wgrad_chunks=self.wgrad_chunks,
+                wgrad=self.wgrad,
                 name=f"dec{i}",
             )(x, train)
         return x
@@ -196,6 +201,9 @@ class UNet(nn.Module):
       wgrad_chunks: batch slices for the weight gradient of the wider,
         coarser convolutions (see :class:`busi_jax.models.blocks.ConvBlock`);
         a speed setting: outputs and parameters do not change.
+      wgrad: 'xla' or 'native': every 3x3 conv's weight gradient from the
+        C++ kernel (:mod:`busi_jax.models.conv`; built on first use, needs a
+        C++ compiler); a speed setting like ``wgrad_chunks``.
     """
 
     depth: int = 4
@@ -211,9 +219,11 @@ class UNet(nn.Module):
     dilations: Sequence[int] = (1, 2, 4)
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
+    wgrad: str = "xla"
 
     def __post_init__(self):
         _check_common(self.depth, self.features, self.norm, self.se, self.upsample)
+        check_choice("wgrad", self.wgrad, WGRAD_MODES)
         super().__post_init__()
 
     def _encoder(self) -> UNetEncoder:
@@ -228,6 +238,7 @@ class UNet(nn.Module):
             dilations=tuple(self.dilations),
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
+            wgrad=self.wgrad,
             name="encoder",
         )
 
@@ -243,6 +254,7 @@ class UNet(nn.Module):
             attention=self.attention,
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
+            wgrad=self.wgrad,
             name="decoder",
         )
 

@@ -22,10 +22,12 @@ import jax.numpy as jnp
 
 from busi_jax.models.blocks import (
     PARAM_DTYPE,
+    WGRAD_MODES,
     ConvBlock,
     DilatedBottleneck,
     UpSample,
     cam_point,
+    check_choice,
     check_divisible,
     max_pool2,
 )
@@ -90,7 +92,7 @@ class UNetPlusPlus(nn.Module):
       features: base width (doubles at each level).
       out_channels: logit channels.
       norm, norm_groups, upsample, se, se_reduction, dilated_bottleneck,
-        dilations, dtype, wgrad_chunks: as in :class:`busi_jax.models.unet.UNet` (the
+        dilations, dtype, wgrad_chunks, wgrad: as in :class:`busi_jax.models.unet.UNet` (the
         dilated bottleneck replaces ``X^{L,0}``). Attention gates are not
         offered: the dense skip pathways already re-weight encoder features.
       deep_supervision: heads on every ``X^{0,j}``. With ``train=True`` the
@@ -118,9 +120,11 @@ class UNetPlusPlus(nn.Module):
     ds_inference: Any = "mean"
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
+    wgrad: str = "xla"
 
     def __post_init__(self):
         _check_common(self.depth, self.features, self.norm, self.se, self.upsample)
+        check_choice("wgrad", self.wgrad, WGRAD_MODES)
         resolve_head_index(self.ds_inference, self.depth)
         super().__post_init__()
 
@@ -162,6 +166,7 @@ class UNetPlusPlus(nn.Module):
             norm_groups=self.norm_groups,
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
+            wgrad=self.wgrad,
         )
         nodes: dict[tuple[int, int], jax.Array] = {}
         h = x
