@@ -289,6 +289,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "and augment.mask_level_range perturb the mask, which only a classifier takes as"
         " input: keep them at 0 and (0.5, 0.5) for segmentation and multitask",
     )
+    if config.model.get("wgrad", "xla") == "native":
+        # Build the C++ kernel now: a missing compiler is then one clear error
+        # before any data is read, not a failure inside the first jit trace.
+        from busi_jax import native
+
+        try:
+            native.load("conv_wgrad")
+        except native.NativeBuildError as e:
+            raise ConfigError(f"config.model.wgrad='native': {e}") from None
 
 
 def _get(config, dotted):
@@ -606,13 +615,25 @@ def check_workdir(
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
         for field in ("task", "model", "data", "classifier"):
-            if old.get(field) != new.get(field):
+            if _identity(old, field) != _identity(new, field):
                 raise ConfigError(
                     f"--workdir {workdir} holds a run with a different config.{field}"
                     f" ({json.dumps(old.get(field))[:200]}); use a fresh --workdir to train another one"
                 )
     busi_io.atomic_write_json(cfg_path, new)
     return workdir
+
+
+# Model options that change speed, not the function or the parameters: a run
+# may resume with other values (and runs saved before they existed lack them).
+SPEED_ONLY_MODEL_OPTIONS = ("wgrad", "wgrad_chunks")
+
+
+def _identity(cfg: dict, field: str):
+    value = cfg.get(field)
+    if field == "model" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in SPEED_ONLY_MODEL_OPTIONS}
+    return value
 
 
 def train_and_evaluate(

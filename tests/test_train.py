@@ -63,6 +63,26 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
         train.train_and_evaluate(tiny_config, tmp_path)
 
 
+def test_speed_options_may_change_on_resume(tiny_config, tmp_path):
+    """model.wgrad changes speed, not the model: a run may resume with the other kernel."""
+    train.train_and_evaluate(tiny_config, tmp_path)
+    tiny_config.model.wgrad = "native"
+    train.train_and_evaluate(tiny_config, tmp_path)  # Finished: resumes without training.
+
+
+def test_native_wgrad_without_compiler_is_a_config_error(tiny_config, tmp_path, monkeypatch):
+    from busi_jax import native
+
+    def no_compiler(name):
+        raise native.NativeBuildError("no C++ compiler on PATH")
+
+    monkeypatch.setattr(native, "load", no_compiler)
+    tiny_config.model.wgrad = "native"
+    with pytest.raises(train.ConfigError, match="config.model.wgrad='native': no C"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     "field,value,msg",
     [
