@@ -144,32 +144,28 @@ def test_torch_row_schema():
         bench.time_torch("unet", 4, "fp32", "nchw", steps=1, expected_params=1, **TINY)
 
 
-def test_wgrad_chunk_rows(tmp_path):
-    """--jax_wgrad_chunks adds a JAX row per value, labelled in its layout."""
+def _main_rows(tmp_path, *flags):
+    """bench.main at tiny settings with torch unimportable; its exit status and rows."""
     out = tmp_path / "bench.json"
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "torch", None)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            status = bench.main(
-                [*TINY_ARGS, "--jax_wgrad=xla", "--jax_wgrad_chunks=1,2", f"--output={out}"]
-            )
+            status = bench.main([*TINY_ARGS, *flags, f"--output={out}"])
+    return status, json.loads(out.read_text())["rows"]
+
+
+def test_wgrad_chunk_rows(tmp_path):
+    """--jax_wgrad_chunks adds a JAX row per value, labelled in its layout."""
+    status, rows = _main_rows(tmp_path, "--jax_wgrad=xla", "--jax_wgrad_chunks=1,2")
     assert status == 0
-    rows = json.loads(out.read_text())["rows"]
     assert [r["layout"] for r in rows] == ["nhwc", "nhwc/wgrad2"]
     assert all(r["train_img_per_s"] > 0 for r in rows)
 
 
 def test_native_wgrad_rows(tmp_path):
     """--jax_wgrad=xla,native times the C++ weight gradient beside XLA's, same FLOP count."""
-    out = tmp_path / "bench.json"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "torch", None)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            status = bench.main(
-                [*TINY_ARGS, "--jax_wgrad=xla,native", "--jax_wgrad_chunks=1,2", f"--output={out}"]
-            )
+    status, rows = _main_rows(tmp_path, "--jax_wgrad=xla,native", "--jax_wgrad_chunks=1,2")
     assert status == 0
-    rows = json.loads(out.read_text())["rows"]
     assert [r["layout"] for r in rows] == ["nhwc", "nhwc/wgrad2", "nhwc/native"]
     assert all(r["train_img_per_s"] > 0 for r in rows)
     assert rows[2]["gflop_per_step"] == pytest.approx(rows[0]["gflop_per_step"], rel=1e-6)

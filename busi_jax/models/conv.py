@@ -31,6 +31,7 @@ Use either as ``flax.linen.Conv(conv_general_dilated=...)``;
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -44,26 +45,10 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(lhs: jax.Array, rhs: jax.Array, static: tuple) -> jax.Array:
-    kwargs, _ = static
-    return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
-
-
-def _fwd(lhs, rhs, static):
-    return _conv(lhs, rhs, static), (lhs, rhs)
-
-
-def _bwd(static, res, g):
-    kwargs, chunks = static
-    kwargs = dict(kwargs)
-    lhs, rhs = res
-
+def _chunked_weight_gradient(lhs, rhs, g, kwargs, chunks):
     def conv(x, w):
         return lax.conv_general_dilated(x, w, **kwargs)
 
-    _, vjp_lhs = jax.vjp(lambda x: conv(x, rhs), lhs)
-    (d_lhs,) = vjp_lhs(g)
     batch_axis = kwargs["dimension_numbers"].lhs_spec[0]
     out_batch_axis = kwargs["dimension_numbers"].out_spec[0]
     n = lhs.shape[batch_axis]
@@ -79,13 +64,77 @@ def _bwd(static, res, g):
         _, vjp_rhs = jax.vjp(lambda w, x=x: conv(x, w), rhs)
         (part,) = vjp_rhs(gi)
         d_rhs = part if d_rhs is None else d_rhs + part
+    return d_rhs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(lhs: jax.Array, rhs: jax.Array, static: tuple) -> jax.Array:
+    """XLA's convolution; ``static = (kwargs, rule)`` picks the weight gradient."""
+    kwargs, _ = static
+    return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
+
+
+def _fwd(lhs, rhs, static):
+    return _conv(lhs, rhs, static), (lhs, rhs)
+
+
+def _bwd(static, res, g):
+    kwargs, rule = static
+    kwargs = dict(kwargs)
+    lhs, rhs = res
+    _, vjp_lhs = jax.vjp(lambda x: lax.conv_general_dilated(x, rhs, **kwargs), lhs)
+    (d_lhs,) = vjp_lhs(g)
+    if rule[0] == "chunks":
+        d_rhs = _chunked_weight_gradient(lhs, rhs, g, kwargs, rule[1])
+    else:  # ("native", dilation, pads)
+        d_rhs = native_weight_gradient(lhs, g, rhs.shape, rule[1], rule[2]).astype(rhs.dtype)
     return d_lhs, d_rhs
 
 
 _conv.defvjp(_fwd, _bwd)
 
 
-@functools.lru_cache(maxsize=None)
+_SIGNATURE = inspect.signature(lax.conv_general_dilated)
+
+
+def _static_kwargs(lhs, rhs, *args, **kwargs) -> tuple:
+    """``lax.conv_general_dilated``'s keyword arguments, resolved, as a hashable tuple."""
+    bound = _SIGNATURE.bind(lhs, rhs, *args, **kwargs)
+    bound.apply_defaults()
+    out = []
+    for name, value in bound.arguments.items():
+        if name in ("lhs", "rhs"):
+            continue
+        if name == "dimension_numbers":
+            value = lax.conv_dimension_numbers(lhs.shape, rhs.shape, value)
+        elif name == "padding" and not isinstance(value, str):
+            value = tuple(map(tuple, value))
+        elif name in ("window_strides", "lhs_dilation", "rhs_dilation") and value is not None:
+            value = tuple(value)
+        out.append((name, value))
+    return tuple(out)
+
+
+def _replacement(rule_for: Callable[[jax.Array, jax.Array, dict], tuple | None]):
+    """A ``lax.conv_general_dilated`` look-alike whose weight gradient follows ``rule_for``.
+
+    ``rule_for(lhs, rhs, kwargs)`` returns the rule for :func:`_bwd`, or None
+    to leave that convolution, gradient included, to XLA.
+    """
+
+    def conv_general_dilated(lhs, rhs, *args, **kwargs):
+        static = _static_kwargs(lhs, rhs, *args, **kwargs)
+        options = dict(static)
+        # A batch-grouped conv is already a weight-gradient-shaped conv.
+        rule = rule_for(lhs, rhs, options) if options["batch_group_count"] == 1 else None
+        if rule is None:
+            return lax.conv_general_dilated(lhs, rhs, **options)
+        return _conv(lhs, rhs, (static, rule))
+
+    return conv_general_dilated
+
+
+@functools.cache
 def chunked_conv(chunks: int) -> Callable[..., jax.Array]:
     """A ``lax.conv_general_dilated`` replacement with a batch-chunked weight gradient.
 
@@ -99,37 +148,7 @@ def chunked_conv(chunks: int) -> Callable[..., jax.Array]:
     """
     if chunks < 1:
         raise ValueError(f"chunks must be >= 1, got {chunks}")
-
-    def conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=None,
-        rhs_dilation=None,
-        dimension_numbers=None,
-        feature_group_count=1,
-        batch_group_count=1,
-        precision=None,
-        preferred_element_type=None,
-    ):
-        dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-        kwargs = (
-            ("window_strides", tuple(window_strides)),
-            ("padding", padding if isinstance(padding, str) else tuple(map(tuple, padding))),
-            ("lhs_dilation", None if lhs_dilation is None else tuple(lhs_dilation)),
-            ("rhs_dilation", None if rhs_dilation is None else tuple(rhs_dilation)),
-            ("dimension_numbers", dn),
-            ("feature_group_count", feature_group_count),
-            ("batch_group_count", batch_group_count),
-            ("precision", precision),
-            ("preferred_element_type", preferred_element_type),
-        )
-        if batch_group_count != 1:  # Already a weight-gradient-shaped conv: leave it to XLA.
-            return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
-        return _conv(lhs, rhs, (kwargs, chunks))
-
-    return conv_general_dilated
+    return _replacement(lambda lhs, rhs, kwargs: ("chunks", chunks))
 
 
 # lax's (batch, feature, spatial...) specs for NHWC inputs/outputs, HWIO kernels.
@@ -166,79 +185,35 @@ def native_weight_gradient(
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _native(lhs: jax.Array, rhs: jax.Array, static: tuple) -> jax.Array:
-    kwargs, _ = static
-    return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
-
-
-def _native_fwd(lhs, rhs, static):
-    return _native(lhs, rhs, static), (lhs, rhs)
-
-
-def _native_bwd(static, res, g):
-    kwargs, (dilation, pads) = static
-    kwargs = dict(kwargs)
-    lhs, rhs = res
-    _, vjp_lhs = jax.vjp(lambda x: lax.conv_general_dilated(x, rhs, **kwargs), lhs)
-    (d_lhs,) = vjp_lhs(g)
-    d_rhs = native_weight_gradient(lhs, g, rhs.shape, dilation, pads)
-    return d_lhs, d_rhs.astype(rhs.dtype)
-
-
-_native.defvjp(_native_fwd, _native_bwd)
-
-
-def native_wgrad_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count=1,
-    batch_group_count=1,
-    precision=None,
-    preferred_element_type=None,
-):
-    """``lax.conv_general_dilated`` whose weight gradient runs in the C++ kernel where it can.
-
-    Same signature and forward result as ``lax.conv_general_dilated``. The
-    kernel takes stride-1, ungrouped, 2-D NHWC/HWIO convolutions with a
-    multiple of 16 output channels on the CPU backend; anything else is
-    passed to XLA unchanged, gradient included.
-    """
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    kwargs = (
-        ("window_strides", tuple(window_strides)),
-        ("padding", padding if isinstance(padding, str) else tuple(map(tuple, padding))),
-        ("lhs_dilation", None if lhs_dilation is None else tuple(lhs_dilation)),
-        ("rhs_dilation", None if rhs_dilation is None else tuple(rhs_dilation)),
-        ("dimension_numbers", dn),
-        ("feature_group_count", feature_group_count),
-        ("batch_group_count", batch_group_count),
-        ("precision", precision),
-        ("preferred_element_type", preferred_element_type),
-    )
-    dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
+def _native_rule(lhs, rhs, kwargs) -> tuple | None:
+    dn = kwargs["dimension_numbers"]
+    strides = kwargs["window_strides"]
+    dilation = kwargs["rhs_dilation"] or (1,) * (lhs.ndim - 2)
     eligible = (
         lhs.ndim == 4
         and tuple(dn.lhs_spec) == _NHWC
         and tuple(dn.out_spec) == _NHWC
         and tuple(dn.rhs_spec) == _HWIO
-        and all(s == 1 for s in window_strides)
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
-        and feature_group_count == 1
-        and batch_group_count == 1
+        and all(s == 1 for s in strides)
+        and all(d == 1 for d in (kwargs["lhs_dilation"] or (1, 1)))
+        and kwargs["feature_group_count"] == 1
         and rhs.shape[3] % NATIVE_LANES == 0
         and jax.default_backend() == "cpu"
     )
     if not eligible:
-        return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
+        return None
+    padding = kwargs["padding"]
     if isinstance(padding, str):
         effective = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
-        pads = tuple(lax.padtype_to_pads(lhs.shape[1:3], effective, window_strides, padding))
-    else:
-        pads = tuple(map(tuple, padding))
-    return _native(lhs, rhs, (kwargs, (dilation, tuple(map(tuple, pads)))))
+        padding = lax.padtype_to_pads(lhs.shape[1:3], effective, strides, padding)
+    return ("native", tuple(dilation), tuple(tuple(p) for p in padding))
+
+
+native_wgrad_conv = _replacement(_native_rule)
+native_wgrad_conv.__doc__ = """``lax.conv_general_dilated`` whose weight gradient runs in the C++ kernel where it can.
+
+Same signature and forward result as ``lax.conv_general_dilated``. The
+kernel takes stride-1, ungrouped, 2-D NHWC/HWIO convolutions with a
+multiple of 16 output channels on the CPU backend; anything else is
+passed to XLA unchanged, gradient included.
+"""
