@@ -1035,6 +1035,101 @@ def run_benchmark(
     return {"header": header, "rows": [public_row(r) for r in rows]}
 
 
+# (side, input channels, output channels) of 3x3 convolutions in the width-16
+# U-Net++: encoder levels and the widest nested-skip inputs.
+WGRAD_LAYER_SHAPES = (
+    (128, 1, 16),
+    (128, 16, 16),
+    (128, 80, 16),
+    (64, 16, 32),
+    (64, 32, 32),
+    (64, 128, 32),
+    (32, 32, 64),
+    (32, 64, 64),
+    (16, 64, 128),
+    (16, 128, 128),
+    (8, 128, 256),
+    (8, 256, 256),
+)
+
+
+def time_wgrad_layers(
+    shapes: Sequence[tuple[int, int, int]] = WGRAD_LAYER_SHAPES,
+    *,
+    batch: int = 16,
+    reps: int = 5,
+) -> list[dict]:
+    """Times one 3x3 'SAME' convolution's weight gradient: XLA's against the C++ kernel.
+
+    Both in the same process, alternating per shape, so machine noise hits both.
+
+    Returns:
+      One dict per shape: ``side``, ``c_in``, ``c_out``, ``xla_ms``, ``native_ms``
+      (medians), ``xla_gflops``, ``native_gflops`` and ``speedup`` (XLA / native
+      time), and the largest relative difference of the two gradients.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from busi_jax.models.conv import native_weight_gradient
+
+    dn = ("NHWC", "HWIO", "NHWC")
+    rows = []
+    for side, c_in, c_out in shapes:
+        kx, kg = jax.random.split(jax.random.key(side * 1000 + c_in))
+        x = jax.random.normal(kx, (batch, side, side, c_in))
+        g = jax.random.normal(kg, (batch, side, side, c_out))
+        w = jnp.zeros((3, 3, c_in, c_out))
+
+        def xla(x, g, w=w):
+            def conv(w):
+                return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn)
+
+            return jax.vjp(conv, w)[1](g)[0]
+
+        def native(x, g, w=w):
+            return native_weight_gradient(x, g, w.shape, (1, 1), ((1, 1), (1, 1)))
+
+        fns = {"xla": jax.jit(xla), "native": jax.jit(native)}
+        out = {k: jax.block_until_ready(f(x, g)) for k, f in fns.items()}
+        ms = {}
+        for k, f in fns.items():
+            t, _ = _median_time(lambda f=f, x=x, g=g: jax.block_until_ready(f(x, g)), reps)
+            ms[k] = t * 1e3
+        flop = 2.0 * batch * side * side * c_in * c_out * 9
+        scale = float(jnp.max(jnp.abs(out["xla"])))
+        rows.append(
+            dict(
+                side=side,
+                c_in=c_in,
+                c_out=c_out,
+                xla_ms=ms["xla"],
+                native_ms=ms["native"],
+                xla_gflops=flop / ms["xla"] / 1e6,
+                native_gflops=flop / ms["native"] / 1e6,
+                speedup=ms["xla"] / ms["native"],
+                max_rel_diff=float(jnp.max(jnp.abs(out["xla"] - out["native"]))) / scale,
+            )
+        )
+    return rows
+
+
+def format_wgrad_layers(rows: Sequence[dict]) -> str:
+    """The per-layer weight-gradient rows as a text table."""
+    lines = [
+        f"{'side':>4} {'C_in':>5} {'C_out':>5} {'XLA ms':>8} {'C++ ms':>8}"
+        f" {'XLA GF/s':>9} {'C++ GF/s':>9} {'speedup':>8} {'max rel diff':>12}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['side']:>4} {r['c_in']:>5} {r['c_out']:>5} {r['xla_ms']:8.1f} {r['native_ms']:8.1f}"
+            f" {r['xla_gflops']:9.0f} {r['native_gflops']:9.0f} {r['speedup']:7.2f}x"
+            f" {r['max_rel_diff']:12.1e}"
+        )
+    return "\n".join(lines)
+
+
 def _jax_layout(wgrad: str, wgrad_chunks: int) -> str:
     if wgrad == "native":
         return "nhwc/native"
@@ -1175,6 +1270,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JAX weight-gradient kernels: xla and/or native (default xla; xla,native with --quick)",
     )
+    p.add_argument(
+        "--wgrad_layers",
+        action="store_true",
+        help="instead: time each 3x3 conv weight gradient of the width-16 U-Net++, XLA vs C++",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument(
         "--inprocess", action="store_true", help="no subprocess per row (RSS then accumulates)"
@@ -1187,6 +1287,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker is not None:
         _worker_main(args._worker)
+        return 0
+    if args.wgrad_layers:
+        layer_rows = time_wgrad_layers(WGRAD_LAYER_SHAPES, batch=args.batch, reps=args.steps or 5)
+        print(format_wgrad_layers(layer_rows))
+        if args.output:
+            from busi_jax import io as busi_io
+
+            payload = {"machine": machine_info(), "batch": args.batch, "rows": layer_rows}
+            payload["machine"]["loadavg_end"] = list(os.getloadavg())
+            busi_io.atomic_write_json(args.output, payload)
+            print(f"wrote {args.output}")
         return 0
     models = args.models or (["unetpp"] if args.quick else list(MODELS))
     widths = args.widths or ([16] if args.quick else [8, 16])

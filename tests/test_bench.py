@@ -172,3 +172,18 @@ def test_native_wgrad_rows(tmp_path):
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert bench.main([*TINY_ARGS, "--jax_wgrad=fast"]) == 1
     assert "--jax_wgrad ['fast'] not valid" in err.getvalue()
+
+
+def test_wgrad_layers_mode(tmp_path):
+    """--wgrad_layers times XLA's and the C++ weight gradient per shape; both agree."""
+    out = tmp_path / "layers.json"
+    shapes = ((8, 1, 16), (8, 16, 32))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "WGRAD_LAYER_SHAPES", shapes)
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            assert bench.main(["--wgrad_layers", "--batch=2", "--steps=1", f"--output={out}"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["side"], r["c_in"], r["c_out"]) for r in rows] == list(shapes)
+    for r in rows:
+        assert r["xla_ms"] > 0 and r["native_ms"] > 0 and r["max_rel_diff"] < 1e-4
+    assert "speedup" in text.getvalue()
