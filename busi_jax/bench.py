@@ -1117,10 +1117,11 @@ def time_wgrad_layers(
 
 def format_wgrad_layers(rows: Sequence[dict]) -> str:
     """The per-layer weight-gradient rows as a text table."""
-    lines = [
+    title = (
         f"{'side':>4} {'C_in':>5} {'C_out':>5} {'XLA ms':>8} {'C++ ms':>8}"
         f" {'XLA GF/s':>9} {'C++ GF/s':>9} {'speedup':>8} {'max rel diff':>12}"
-    ]
+    )
+    lines = [title]
     for r in rows:
         lines.append(
             f"{r['side']:>4} {r['c_in']:>5} {r['c_out']:>5} {r['xla_ms']:8.1f} {r['native_ms']:8.1f}"
