@@ -102,18 +102,20 @@ def _grads(conv_fn, x, w, **kw):
 
 
 @pytest.mark.parametrize(
-    "shape,kernel,dilation",
+    "shape,kernel,dilation,c_out",
     [
-        ((3, 9, 10, 1), 3, 1),  # One input channel (the first layer), odd sizes.
-        ((2, 8, 8, 7), 3, 1),  # Channel blocks of 4 and a remainder.
-        ((2, 6, 12, 20), 3, 2),  # Dilated: the bottleneck cascade.
-        ((1, 5, 5, 16), 1, 1),  # 1x1 kernel.
-        ((2, 4, 4, 32), 3, 1),  # Kernel wider than the image's interior.
+        ((3, 9, 10, 1), 3, 1, 32),  # One input channel (the first layer), odd sizes.
+        ((2, 8, 8, 7), 3, 1, 32),  # Channel blocks of 4 and a remainder.
+        ((2, 6, 12, 20), 3, 2, 32),  # Dilated: the bottleneck cascade.
+        ((1, 5, 5, 16), 1, 1, 32),  # 1x1 kernel.
+        ((2, 4, 4, 32), 3, 1, 32),  # Kernel wider than the image's interior.
+        ((2, 8, 8, 1), 3, 1, 8),  # 8-wide vectors (width-8 networks).
+        ((2, 8, 8, 16), 3, 1, 24),  # 24 = 3 x 8: the 8-wide path.
     ],
 )
-def test_native_weight_gradient_matches_xla(shape, kernel, dilation):
+def test_native_weight_gradient_matches_xla(shape, kernel, dilation, c_out):
     x = jax.random.normal(jax.random.key(0), shape)
-    w = 0.1 * jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], 32))
+    w = 0.1 * jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], c_out))
     ref = _grads(jax.lax.conv_general_dilated, x, w, rhs_dilation=(dilation, dilation))
     got = _grads(native_wgrad_conv, x, w, rhs_dilation=(dilation, dilation))
     np.testing.assert_array_equal(got[0], ref[0])  # Input gradient: XLA's own.
@@ -122,8 +124,8 @@ def test_native_weight_gradient_matches_xla(shape, kernel, dilation):
 
 def test_native_conv_leaves_other_convolutions_to_xla():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
-    # 8 output channels (not a multiple of 16) and a strided conv: no custom call.
-    for w, strides in ((jnp.ones((3, 3, 4, 8)), (1, 1)), (jnp.ones((3, 3, 4, 16)), (2, 2))):
+    # 12 output channels (not a multiple of 8) and a strided conv: no custom call.
+    for w, strides in ((jnp.ones((3, 3, 4, 12)), (1, 1)), (jnp.ones((3, 3, 4, 16)), (2, 2))):
 
         def f(x, w, strides=strides):
             return native_wgrad_conv(

@@ -5,8 +5,8 @@
 // (x taken as zero outside the image.) XLA:CPU computes this at 25-40 GFLOP/s
 // on the project's 2-core machine, a fifth of its forward convolution (issue #9);
 // this kernel reaches 100-270 GFLOP/s there without materialising patches.
-// Why it is fast: a block of 16 input channels x 16 output channels of dW
-// lives in 16 vector registers while it sweeps about 128 pixels (one or more
+// Why it is fast: a block of 16 input channels x 16 (or 8) output channels of
+// dW lives in 16 vector registers while it sweeps about 128 pixels (one or more
 // image rows), so every FMA reads only x (broadcast) and dy (one vector load
 // shared by 16 FMAs) and the working set of one image stays in L2.
 // Images are handed out to XLA's intra-op thread pool one at a time; each
@@ -32,40 +32,47 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // Output channels per vector (512 bits of float32).
-typedef float v16 __attribute__((vector_size(kLanes * sizeof(float))));
+// Output channels per vector: 16 (512 bits of float32), or 8 for layers with
+// a multiple of 8 but not of 16 output channels (width-8 networks).
+template <int L>
+struct Vec {
+  typedef float type __attribute__((vector_size(L * sizeof(float))));
+};
 
 struct Geometry {
   int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
 };
 
-// acc[c0:c0+CB, o0:o0+16] += sum over rows [h0, h1) of one image.
-template <int CB>
+// acc[c0:c0+CB, o0:o0+L] += sum over rows [h0, h1) of one image.
+template <int CB, int L>
 inline void BlockRows(const float* x, const float* dy, float* acc, const Geometry& g, int64_t h0,
                       int64_t h1, int64_t c0, int64_t o0, int64_t hoff, int64_t wlo, int64_t whi,
                       int64_t woff) {
-  v16 a[CB];
-  for (int k = 0; k < CB; ++k) std::memcpy(&a[k], acc + (c0 + k) * g.O + o0, sizeof(v16));
+  typedef typename Vec<L>::type V;
+  V a[CB];
+  for (int k = 0; k < CB; ++k) std::memcpy(&a[k], acc + (c0 + k) * g.O + o0, sizeof(V));
   for (int64_t h = h0; h < h1; ++h) {
     const float* xr = x + ((h + hoff) * g.W + wlo + woff) * g.C + c0;
     const float* dr = dy + (h * g.Wo + wlo) * g.O + o0;
     for (int64_t w = 0; w < whi - wlo; ++w) {
-      v16 d;
-      std::memcpy(&d, dr + w * g.O, sizeof(v16));
+      V d;
+      std::memcpy(&d, dr + w * g.O, sizeof(V));
       const float* xp = xr + w * g.C;
 #pragma GCC unroll 16
       for (int k = 0; k < CB; ++k) a[k] += xp[k] * d;
     }
   }
-  for (int k = 0; k < CB; ++k) std::memcpy(acc + (c0 + k) * g.O + o0, &a[k], sizeof(v16));
+  for (int k = 0; k < CB; ++k) std::memcpy(acc + (c0 + k) * g.O + o0, &a[k], sizeof(V));
 }
 
 // One input channel (the first layer of a grayscale network): four
 // accumulators over neighbouring columns, so the FMAs do not wait on each other.
+template <int L>
 inline void BlockRowsOneChannel(const float* x, const float* dy, float* acc, const Geometry& g,
                                 int64_t h0, int64_t h1, int64_t c, int64_t o0, int64_t hoff,
                                 int64_t wlo, int64_t whi, int64_t woff) {
-  v16 a[4] = {};
+  typedef typename Vec<L>::type V;
+  V a[4] = {};
   for (int64_t h = h0; h < h1; ++h) {
     const float* xr = x + ((h + hoff) * g.W + wlo + woff) * g.C + c;
     const float* dr = dy + (h * g.Wo + wlo) * g.O + o0;
@@ -74,24 +81,25 @@ inline void BlockRowsOneChannel(const float* x, const float* dy, float* acc, con
     for (; w + 4 <= n; w += 4) {
 #pragma GCC unroll 4
       for (int u = 0; u < 4; ++u) {
-        v16 d;
-        std::memcpy(&d, dr + (w + u) * g.O, sizeof(v16));
+        V d;
+        std::memcpy(&d, dr + (w + u) * g.O, sizeof(V));
         a[u] += xr[(w + u) * g.C] * d;
       }
     }
     for (; w < n; ++w) {
-      v16 d;
-      std::memcpy(&d, dr + w * g.O, sizeof(v16));
+      V d;
+      std::memcpy(&d, dr + w * g.O, sizeof(V));
       a[0] += xr[w * g.C] * d;
     }
   }
-  v16 s;
-  std::memcpy(&s, acc + c * g.O + o0, sizeof(v16));
+  V s;
+  std::memcpy(&s, acc + c * g.O + o0, sizeof(V));
   s += (a[0] + a[1]) + (a[2] + a[3]);
-  std::memcpy(acc + c * g.O + o0, &s, sizeof(v16));
+  std::memcpy(acc + c * g.O + o0, &s, sizeof(V));
 }
 
-// Adds image b's contribution to acc [KH, KW, C, O].
+// Adds image b's contribution to acc [KH, KW, C, O]; O is a multiple of L.
+template <int L>
 void OneImage(const float* x, const float* dy, float* acc, const Geometry& g) {
   // About 128 pixels per register pass: long enough to amortise loading and
   // storing the accumulators, short enough that x and dy rows stay in L1/L2.
@@ -106,16 +114,16 @@ void OneImage(const float* x, const float* dy, float* acc, const Geometry& g) {
         const int64_t wlo = std::max<int64_t>(0, -woff), whi = std::min<int64_t>(g.Wo, g.W - woff);
         if (whi <= wlo) continue;
         float* a = acc + (i * g.KW + j) * g.C * g.O;
-        for (int64_t o0 = 0; o0 < g.O; o0 += kLanes) {
+        for (int64_t o0 = 0; o0 < g.O; o0 += L) {
           int64_t c0 = 0;
           if (g.C >= 4) {
             for (; c0 + 16 <= g.C; c0 += 16)
-              BlockRows<16>(x, dy, a, g, h0, h1, c0, o0, hoff, wlo, whi, woff);
+              BlockRows<16, L>(x, dy, a, g, h0, h1, c0, o0, hoff, wlo, whi, woff);
             for (; c0 + 4 <= g.C; c0 += 4)
-              BlockRows<4>(x, dy, a, g, h0, h1, c0, o0, hoff, wlo, whi, woff);
+              BlockRows<4, L>(x, dy, a, g, h0, h1, c0, o0, hoff, wlo, whi, woff);
           }
           for (; c0 < g.C; ++c0)
-            BlockRowsOneChannel(x, dy, a, g, h0, h1, c0, o0, hoff, wlo, whi, woff);
+            BlockRowsOneChannel<L>(x, dy, a, g, h0, h1, c0, o0, hoff, wlo, whi, woff);
         }
       }
     }
@@ -144,7 +152,13 @@ struct Work {
     acc.assign(size, 0.0f);
     int64_t finished = 0;
     for (; b < batch; b = next.fetch_add(1)) {
-      OneImage(x + b * g.H * g.W * g.C, dy + b * g.Ho * g.Wo * g.O, acc.data(), g);
+      const float* xb = x + b * g.H * g.W * g.C;
+      const float* db = dy + b * g.Ho * g.Wo * g.O;
+      if (g.O % 16 == 0) {
+        OneImage<16>(xb, db, acc.data(), g);
+      } else {
+        OneImage<8>(xb, db, acc.data(), g);
+      }
       ++finished;
     }
     std::lock_guard<std::mutex> lock(mu);
@@ -164,9 +178,8 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   if (xd[0] != yd[0] || xd[3] != wd[2] || yd[3] != wd[3])
     return ffi::Error::InvalidArgument(
         "busi_conv_wgrad: shapes disagree (x [B,H,W,C], dy [B,Ho,Wo,O], dW [KH,KW,C,O])");
-  if (wd[3] % kLanes != 0)
-    return ffi::Error::InvalidArgument("busi_conv_wgrad: output channels must be a multiple of " +
-                                       std::to_string(kLanes));
+  if (wd[3] % 8 != 0)
+    return ffi::Error::InvalidArgument("busi_conv_wgrad: output channels must be a multiple of 8");
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
   work->dy = dy.typed_data();

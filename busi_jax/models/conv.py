@@ -9,7 +9,7 @@ rounding:
   (``busi_jax/csrc/conv_wgrad.cc``, built on first use by
   :mod:`busi_jax.native`); 100-270 GFLOP/s against XLA's 25-40 on the
   project's 2-core machine. Other convolutions (strides, groups, output
-  channels not a multiple of 16, non-CPU backends) keep XLA's gradient.
+  channels not a multiple of 8, non-CPU backends) keep XLA's gradient.
 * :func:`chunked_conv` sums the weight gradients of batch slices (below).
 
 Batch-chunked weight gradient:
@@ -154,7 +154,7 @@ def chunked_conv(chunks: int) -> Callable[..., jax.Array]:
 # lax's (batch, feature, spatial...) specs for NHWC inputs/outputs, HWIO kernels.
 _NHWC = (0, 3, 1, 2)
 _HWIO = (3, 2, 0, 1)
-NATIVE_LANES = 16  # The kernel's vector width in output channels (busi_jax/csrc).
+NATIVE_LANES = 8  # Output channels must be a multiple of this (busi_jax/csrc: 16- or 8-wide).
 
 
 def native_weight_gradient(
@@ -164,7 +164,7 @@ def native_weight_gradient(
 
     Args:
       x: ``[B, H, W, C]`` convolution input.
-      dy: ``[B, Ho, Wo, O]`` gradient of the output, ``O`` a multiple of 16.
+      dy: ``[B, Ho, Wo, O]`` gradient of the output, ``O`` a multiple of 8.
       kernel_shape: ``(KH, KW, C, O)``.
       dilation: ``(dh, dw)`` kernel dilation.
       pads: ``((lo_h, hi_h), (lo_w, hi_w))`` input padding.
@@ -214,6 +214,6 @@ native_wgrad_conv.__doc__ = """``lax.conv_general_dilated`` whose weight gradien
 
 Same signature and forward result as ``lax.conv_general_dilated``. The
 kernel takes stride-1, ungrouped, 2-D NHWC/HWIO convolutions with a
-multiple of 16 output channels on the CPU backend; anything else is
+multiple of 8 output channels on the CPU backend; anything else is
 passed to XLA unchanged, gradient included.
 """
