@@ -1131,6 +1131,68 @@ def format_wgrad_layers(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def profile_step(
+    model: str,
+    width: int,
+    trace_dir: str,
+    *,
+    precision: str = "fp32",
+    wgrad: str = "xla",
+    batch: int = 16,
+    image_size: int = 128,
+    depth: int = 4,
+    steps: int = 2,
+) -> dict:
+    """Traces ``steps`` train steps with ``jax.profiler`` and sums time per kind of XLA op.
+
+    The trace (TensorBoard / Perfetto format) stays in ``trace_dir``. Op names
+    are grouped by their stem (``ynn_fusion.12`` -> ``ynn_fusion``), so e.g. all
+    convolutions XLA hands to YNNPACK, all C++ kernel calls (``ffi_call``) and
+    all base-dilated (transposed) convolutions add up.
+
+    Returns:
+      ``{"step_ms": wall time per step, "ops": [{"op", "ms_per_step", "count"}...]}``
+      sorted by time; op time can exceed wall time where ops ran in parallel.
+    """
+    import collections
+    import glob
+    import gzip
+    import json
+
+    import jax
+
+    setup = _jax_setup(model, width, precision, batch, image_size, depth, wgrad=wgrad)
+    step, state, idxs = setup["step"], setup["state"], setup["idxs"]
+    for i in range(2):  # Warm-up outside the trace.
+        state, m = step(state, idxs[i % 2])
+        jax.block_until_ready((state, m))
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for i in range(steps):
+            state, m = step(state, idxs[i % 2])
+            jax.block_until_ready((state, m))
+    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not traces:
+        raise RuntimeError(f"{trace_dir}: jax.profiler wrote no *.trace.json.gz")
+    with gzip.open(traces[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        # Executor and Python frames wrap the ops: counting them would double up.
+        if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool")):
+            continue
+        stem = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
+        total[stem] += e.get("dur", 0)
+        count[stem] += 1
+    ops = [
+        {"op": k, "ms_per_step": v / 1e3 / steps, "count": count[k] // steps}
+        for k, v in total.most_common()
+    ]
+    return {"step_ms": step_ms, "ops": ops}
+
+
 def _jax_layout(wgrad: str, wgrad_chunks: int) -> str:
     if wgrad == "native":
         return "nhwc/native"
@@ -1276,6 +1338,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="instead: time each 3x3 conv weight gradient of the width-16 U-Net++, XLA vs C++",
     )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="instead: trace the first --models/--widths/--jax_wgrad step into DIR and print"
+        " time per kind of XLA op",
+    )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument(
         "--inprocess", action="store_true", help="no subprocess per row (RSS then accumulates)"
@@ -1299,6 +1368,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload["machine"]["loadavg_end"] = list(os.getloadavg())
             busi_io.atomic_write_json(args.output, payload)
             print(f"wrote {args.output}")
+        return 0
+    if args.profile:
+        model = (args.models or ["unetpp"])[0]
+        width = (args.widths or [16])[0]
+        wgrad = (args.jax_wgrad or ["xla"])[0]
+        prof = profile_step(
+            model,
+            width,
+            args.profile,
+            wgrad=wgrad,
+            batch=args.batch,
+            image_size=args.image_size,
+            depth=args.depth,
+            steps=args.steps or 2,
+        )
+        print(f"{model} w{width} wgrad={wgrad}: {prof['step_ms']:.0f} ms per step (traced)")
+        for op in prof["ops"][:25]:
+            print(f"{op['ms_per_step']:9.1f} ms/step  x{op['count']:<4} {op['op']}")
+        if args.output:
+            from busi_jax import io as busi_io
+
+            busi_io.atomic_write_json(args.output, {"machine": machine_info(), **prof})
         return 0
     models = args.models or (["unetpp"] if args.quick else list(MODELS))
     widths = args.widths or ([16] if args.quick else [8, 16])

@@ -187,3 +187,19 @@ def test_wgrad_layers_mode(tmp_path):
     for r in rows:
         assert r["xla_ms"] > 0 and r["native_ms"] > 0 and r["max_rel_diff"] < 1e-4
     assert "speedup" in text.getvalue()
+
+
+def test_profile_mode_sums_time_per_op(tmp_path):
+    """--profile traces a step and attributes its time to XLA ops, the C++ kernel included."""
+    out = tmp_path / "profile.json"
+    args = ["--profile", str(tmp_path / "trace"), "--models=unetpp", "--widths=8", "--depth=2"]
+    args += ["--image_size=32", "--batch=2", "--steps=1", "--jax_wgrad=native", f"--output={out}"]
+    with contextlib.redirect_stdout(io.StringIO()) as text:
+        assert bench.main(args) == 0
+    prof = json.loads(out.read_text())
+    assert prof["step_ms"] > 0
+    ops = {o["op"]: o for o in prof["ops"]}
+    assert "ffi_call" in ops and ops["ffi_call"]["count"] > 0
+    assert all(o["ms_per_step"] >= 0 for o in prof["ops"])
+    assert "ms per step (traced)" in text.getvalue()
+    assert list((tmp_path / "trace").rglob("*.trace.json.gz"))
