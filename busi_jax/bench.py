@@ -1359,12 +1359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _worker_main(args._worker)
         return 0
     if args.wgrad_layers:
+        machine = machine_info()  # Before timing: its load average is the one at start.
         layer_rows = time_wgrad_layers(WGRAD_LAYER_SHAPES, batch=args.batch, reps=args.steps or 5)
         print(format_wgrad_layers(layer_rows))
         if args.output:
             from busi_jax import io as busi_io
 
-            payload = {"machine": machine_info(), "batch": args.batch, "rows": layer_rows}
+            payload = {"machine": machine, "batch": args.batch, "rows": layer_rows}
             payload["machine"]["loadavg_end"] = list(os.getloadavg())
             busi_io.atomic_write_json(args.output, payload)
             print(f"wrote {args.output}")
