@@ -2,9 +2,10 @@
 //
 //   dW[i, j, c, o] = sum_{b, h, w} x[b, h + i*dil_h - pad_h, w + j*dil_w - pad_w, c] * dy[b, h, w, o]
 //
-// (x taken as zero outside the image.) XLA:CPU computes this at 25-40 GFLOP/s
-// on the project's 2-core machine, a fifth of its forward convolution (issue #9);
-// this kernel reaches 100-270 GFLOP/s there without materialising patches.
+// (x taken as zero outside the image.) XLA:CPU computes this at 20-35 GFLOP/s
+// on 32-128 px images on the project's 2-core machine (issue #9); this kernel
+// is 1.3-8x faster there and at 16 px, 0.9x at 256 channels on 8 px, without
+// materialising patches (python -m busi_jax.bench --wgrad_layers; docs/BENCHMARKS.md).
 // Why it is fast: a block of 16 input channels x 16 (or 8) output channels of
 // dW lives in 16 vector registers while it sweeps about 128 pixels (one or more
 // image rows), so every FMA reads only x (broadcast) and dy (one vector load

@@ -414,7 +414,7 @@ class Deconv2x2(nn.Module):
     names and initialisation as ``nn.ConvTranspose(C, (2, 2), strides=(2, 2),
     padding='VALID')``, so checkpoints carry over. Why not that module: XLA:CPU
     lowers it to a base-dilated convolution whose training step took 2.5 s of
-    the width-16 U-Net++'s 4.2 s step on 2 cores (jax.profiler, issue #9);
+    the width-16 U-Net++'s 4.4 s step on 2 cores (jax.profiler, issue #9);
     the matmul form's forward and backward run 4-11x faster per layer.
 
     Attributes:

@@ -7,8 +7,9 @@ rounding:
 * :func:`native_wgrad_conv` computes the weight gradient of stride-1 NHWC
   convolutions with a C++ kernel through ``jax.ffi``
   (``busi_jax/csrc/conv_wgrad.cc``, built on first use by
-  :mod:`busi_jax.native`); 100-270 GFLOP/s against XLA's 25-40 on the
-  project's 2-core machine. Other convolutions (strides, groups, output
+  :mod:`busi_jax.native`); on the project's 2-core machine 1.3-8x XLA's
+  speed, except 0.9x at 256 channels on 8 px (``python -m busi_jax.bench --wgrad_layers``,
+  table in docs/BENCHMARKS.md). Other convolutions (strides, groups, output
   channels not a multiple of 8, non-CPU backends) keep XLA's gradient.
 * :func:`chunked_conv` sums the weight gradients of batch slices (below).
 
