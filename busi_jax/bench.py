@@ -760,11 +760,21 @@ def matmul_peaks(n: int = 2048, with_torch: bool = True) -> dict:
 
 
 def add_fraction_of_peak(row: dict, peak_gflops: dict[str, float]) -> dict:
-    """Sets ``fraction_of_peak`` = achieved GFLOP/s / the peak of the row's precision."""
+    """Sets ``fraction_of_peak`` = achieved GFLOP/s / the peak of the row's precision.
+
+    Rows whose convolutions multiply in bf16 on AMX (layout ``*amx*``) are
+    measured against the bf16 matmul peak; XLA's matmul does not use AMX, so
+    such a row can exceed 1.
+    """
     step_s = row.get("_step_s")
-    if row.get("gflop_per_step") and step_s and peak_gflops.get(row["precision"]):
-        row["fraction_of_peak"] = row["gflop_per_step"] / step_s / peak_gflops[row["precision"]]
+    key = "bf16" if _amx_row(row) else row["precision"]
+    if row.get("gflop_per_step") and step_s and peak_gflops.get(key):
+        row["fraction_of_peak"] = row["gflop_per_step"] / step_s / peak_gflops[key]
     return row
+
+
+def _amx_row(row: dict) -> bool:
+    return "amx" in (row.get("layout") or "")
 
 
 def public_row(row: dict) -> dict:
@@ -1059,20 +1069,28 @@ def time_wgrad_layers(
     batch: int = 16,
     reps: int = 5,
 ) -> list[dict]:
-    """Times one 3x3 'SAME' convolution's weight gradient: XLA's against the C++ kernel.
+    """Times one 3x3 'SAME' convolution's weight gradient: XLA's against the C++ kernels.
 
-    Both in the same process, alternating per shape, so machine noise hits both.
+    All in the same process, one shape after another, so machine noise hits each.
 
     Returns:
       One dict per shape: ``side``, ``c_in``, ``c_out``, ``xla_ms``, ``native_ms``
       (medians), ``xla_gflops``, ``native_gflops`` and ``speedup`` (XLA / native
-      time), and the largest relative difference of the two gradients.
+      time), and the largest relative difference of the two gradients; on an
+      AMX CPU also ``amx_ms``, ``amx_gflops``, ``amx_speedup`` (XLA / AMX) and
+      ``amx_max_rel_diff`` for the bf16 AMX kernel where the shape fits it
+      (16-channel multiples), else None.
     """
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    from busi_jax.models.conv import native_weight_gradient
+    from busi_jax.models.conv import (
+        AMX_CHANNELS,
+        amx_available,
+        amx_weight_gradient,
+        native_weight_gradient,
+    )
 
     dn = ("NHWC", "HWIO", "NHWC")
     rows = []
@@ -1091,7 +1109,12 @@ def time_wgrad_layers(
         def native(x, g, w=w):
             return native_weight_gradient(x, g, w.shape, (1, 1), ((1, 1), (1, 1)))
 
+        def amx(x, g, w=w):
+            return amx_weight_gradient(x, g, w.shape, (1, 1), ((1, 1), (1, 1)))
+
         fns = {"xla": jax.jit(xla), "native": jax.jit(native)}
+        if amx_available() and c_in % AMX_CHANNELS == 0 and c_out % AMX_CHANNELS == 0:
+            fns["amx"] = jax.jit(amx)
         out = {k: jax.block_until_ready(f(x, g)) for k, f in fns.items()}
         ms = {}
         for k, f in fns.items():
@@ -1110,6 +1133,14 @@ def time_wgrad_layers(
                 native_gflops=flop / ms["native"] / 1e6,
                 speedup=ms["xla"] / ms["native"],
                 max_rel_diff=float(jnp.max(jnp.abs(out["xla"] - out["native"]))) / scale,
+                amx_ms=ms.get("amx"),
+                amx_gflops=flop / ms["amx"] / 1e6 if "amx" in ms else None,
+                amx_speedup=ms["xla"] / ms["amx"] if "amx" in ms else None,
+                amx_max_rel_diff=(
+                    float(jnp.max(jnp.abs(out["xla"] - out["amx"]))) / scale
+                    if "amx" in out
+                    else None
+                ),
             )
         )
     return rows
@@ -1120,13 +1151,20 @@ def format_wgrad_layers(rows: Sequence[dict]) -> str:
     title = (
         f"{'side':>4} {'C_in':>5} {'C_out':>5} {'XLA ms':>8} {'C++ ms':>8}"
         f" {'XLA GF/s':>9} {'C++ GF/s':>9} {'speedup':>8} {'max rel diff':>12}"
+        f" {'AMX ms':>7} {'AMX GF/s':>9} {'AMX speedup':>11} {'AMX rel diff':>12}"
     )
     lines = [title]
     for r in rows:
+        amx = (
+            f" {r['amx_ms']:7.1f} {r['amx_gflops']:9.0f} {r['amx_speedup']:10.2f}x"
+            f" {r['amx_max_rel_diff']:12.1e}"
+            if r.get("amx_ms") is not None
+            else f" {'-':>7} {'-':>9} {'-':>11} {'-':>12}"
+        )
         lines.append(
             f"{r['side']:>4} {r['c_in']:>5} {r['c_out']:>5} {r['xla_ms']:8.1f} {r['native_ms']:8.1f}"
             f" {r['xla_gflops']:9.0f} {r['native_gflops']:9.0f} {r['speedup']:7.2f}x"
-            f" {r['max_rel_diff']:12.1e}"
+            f" {r['max_rel_diff']:12.1e}" + amx
         )
     return "\n".join(lines)
 
@@ -1194,15 +1232,15 @@ def profile_step(
 
 
 def _jax_layout(wgrad: str, wgrad_chunks: int) -> str:
-    if wgrad == "native":
-        return "nhwc/native"
+    if wgrad != "xla":
+        return f"nhwc/{wgrad}"
     return "nhwc" if wgrad_chunks <= 1 else f"nhwc/wgrad{wgrad_chunks}"
 
 
 def ratios(rows: Sequence[dict]) -> list[dict]:
     """Per network: JAX fp32 / PyTorch fp32 channels_last and best JAX / PyTorch bf16 img/s."""
 
-    def rate(fw, model, width, prec=None, layout=None):
+    def rate(fw, model, width, prec=None, layout=None, amx=True):
         vals = [
             r["train_img_per_s"]
             for r in rows
@@ -1211,6 +1249,7 @@ def ratios(rows: Sequence[dict]) -> list[dict]:
             and r["width"] == width
             and (prec is None or r["precision"] == prec)
             and (layout is None or r.get("layout") == layout)
+            and (amx or not _amx_row(r))
             and r["train_img_per_s"]
         ]
         return max(vals) if vals else None
@@ -1220,15 +1259,16 @@ def ratios(rows: Sequence[dict]) -> list[dict]:
 
     out = []
     for model, width in dict.fromkeys((r["model"], r["width"]) for r in rows):
-        jax_fp32 = rate("jax", model, width, "fp32")
+        # fp32 here means float32 products: AMX rows multiply in bf16.
+        jax_fp32 = rate("jax", model, width, "fp32", amx=False)
         jax_best = rate("jax", model, width)
+        torch_fp32 = rate("pytorch", model, width, "fp32", "channels_last")
         out.append(
             {
                 "model": model,
                 "width": width,
-                "jax_fp32_over_torch_fp32_channels_last": div(
-                    jax_fp32, rate("pytorch", model, width, "fp32", "channels_last")
-                ),
+                "jax_fp32_over_torch_fp32_channels_last": div(jax_fp32, torch_fp32),
+                "jax_best_over_torch_fp32_channels_last": div(jax_best, torch_fp32),
                 "jax_best_over_torch_bf16": div(
                     jax_best, rate("pytorch", model, width, "bf16", "channels_last")
                 ),
@@ -1277,6 +1317,8 @@ def format_table(result: dict) -> str:
         lines.append(
             f"  {r['model']} w{r['width']}: JAX fp32 / PyTorch fp32 channels_last"
             f" {f(r['jax_fp32_over_torch_fp32_channels_last'], '.2f')}x;"
+            f" best JAX (AMX bf16 included) / PyTorch fp32 channels_last"
+            f" {f(r.get('jax_best_over_torch_fp32_channels_last'), '.2f')}x;"
             f" best JAX / PyTorch bf16 {f(r['jax_best_over_torch_bf16'], '.2f')}x"
         )
     for note in h.get("notes", []):
@@ -1331,7 +1373,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--jax_wgrad",
         type=_csv(str),
         default=None,
-        help="JAX weight-gradient kernels: xla and/or native (default xla; xla,native with --quick)",
+        help="JAX conv kernels: xla, native (C++ weight gradient), native_amx (all three conv"
+        " passes on AMX in bf16) (default xla; with --quick xla,native and, on AMX CPUs, native_amx)",
     )
     p.add_argument(
         "--wgrad_layers",
@@ -1398,10 +1441,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown model(s) {unknown}; choose from {list(MODELS)}", file=sys.stderr)
         return 1
-    jax_wgrad = args.jax_wgrad or (["xla", "native"] if args.quick else ["xla"])
-    bad = sorted(set(jax_wgrad) - {"xla", "native"})
+    from busi_jax.models.blocks import WGRAD_MODES
+    from busi_jax.models.conv import amx_available
+
+    quick_kernels = ["xla", "native"] + (["native_amx"] if amx_available() else [])
+    jax_wgrad = args.jax_wgrad or (quick_kernels if args.quick else ["xla"])
+
+    bad = sorted(set(jax_wgrad) - set(WGRAD_MODES))
     if bad:
-        print(f"error: --jax_wgrad {bad} not valid; choose from ['xla', 'native']", file=sys.stderr)
+        print(
+            f"error: --jax_wgrad {bad} not valid; choose from {list(WGRAD_MODES)}", file=sys.stderr
+        )
         return 1
     result = run_benchmark(
         models,

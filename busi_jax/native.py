@@ -9,8 +9,8 @@ and registered as a ``jax.ffi`` target for the CPU. Nothing is downloaded.
 The build writes to a temporary file and renames it into place, so an
 interrupted or concurrent build never leaves a half-written library.
 
-Only models configured with ``wgrad='native'`` call this; the default
-(``'xla'``) needs no compiler.
+Only models configured with ``wgrad='native'`` or ``'native_amx'`` call
+this; the default (``'xla'``) needs no compiler.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # kernel name -> (source file, exported handler symbol, jax.ffi target name)
 KERNELS = {
     "conv_wgrad": ("conv_wgrad.cc", "BusiConvWgrad", "busi_conv_wgrad"),
+    "conv_amx": ("conv_amx.cc", "BusiConvAmx", "busi_conv_amx"),
+    "conv_amx_wgrad": ("conv_amx.cc", "BusiConvAmxWgrad", "busi_conv_amx_wgrad"),
 }
 
 
@@ -83,11 +85,12 @@ def _build(name: str) -> Path:
             [source.read_text(), cxx, version, " ".join(FLAGS), jax.__version__, _cpu_flags()]
         ).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / f"{name}-{key}.so"
+    # Named after the source: kernels sharing a source share one library.
+    out = cache_dir() / f"{source.stem}-{key}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(source), "-o", tmp]
     try:

@@ -289,15 +289,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "and augment.mask_level_range perturb the mask, which only a classifier takes as"
         " input: keep them at 0 and (0.5, 0.5) for segmentation and multitask",
     )
-    if config.model.get("wgrad", "xla") == "native":
-        # Build the C++ kernel now: a missing compiler is then one clear error
+    wgrad = config.model.get("wgrad", "xla")
+    if wgrad in ("native", "native_amx"):
+        # Build the C++ kernels now: a missing compiler is then one clear error
         # before any data is read, not a failure inside the first jit trace.
         from busi_jax import native
+        from busi_jax.models import conv
 
+        if wgrad == "native_amx" and not conv.amx_available():
+            raise ConfigError(
+                "config.model.wgrad='native_amx' needs a CPU with AMX bf16 tiles (amx_tile and"
+                " amx_bf16 in /proc/cpuinfo), and this one has none: use 'native' or 'xla'"
+            )
         try:
             native.load("conv_wgrad")
+            if wgrad == "native_amx":
+                native.load("conv_amx")
+                native.load("conv_amx_wgrad")
         except native.NativeBuildError as e:
-            raise ConfigError(f"config.model.wgrad='native': {e}") from None
+            raise ConfigError(f"config.model.wgrad={wgrad!r}: {e}") from None
 
 
 def _get(config, dotted):

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from busi_jax import bench
+from busi_jax.models.conv import amx_available
 
 TINY = {"batch": 2, "image_size": 32, "depth": 2}
 TINY_ARGS = [
@@ -51,9 +52,11 @@ def test_jax_row_schema(no_torch_run):
     status, _, result = no_torch_run
     assert status == 0
     assert set(result) == {"header", "rows"}
-    # --quick times XLA's weight gradient and the C++ kernel's.
-    row, native_row = result["rows"]
+    # --quick times XLA's weight gradient, the C++ kernel's and, on AMX CPUs,
+    # the AMX kernels.
+    row, native_row, *amx_rows = result["rows"]
     assert native_row["layout"] == "nhwc/native" and native_row["train_img_per_s"] > 0
+    assert [r["layout"] for r in amx_rows] == (["nhwc/native_amx"] if amx_available() else [])
     assert tuple(row) == bench.ROW_FIELDS
     assert (row["framework"], row["model"], row["width"], row["precision"], row["batch"]) == (
         "jax",
@@ -116,6 +119,15 @@ def test_fraction_of_peak_and_ratios():
     (r,) = bench.ratios(rows)
     assert r["jax_fp32_over_torch_fp32_channels_last"] == pytest.approx(2.0)
     assert r["jax_best_over_torch_bf16"] == pytest.approx(2.0)
+    # An AMX row multiplies in bf16: it counts as best, never as fp32, and
+    # is measured against the bf16 peak.
+    amx_row = {**jax_row, "layout": "nhwc/native_amx", "train_img_per_s": 96.0}
+    bench.add_fraction_of_peak(amx_row, {"fp32": 100.0, "bf16": 400.0})
+    assert amx_row["fraction_of_peak"] == pytest.approx(0.05)
+    (r,) = bench.ratios([*rows, amx_row])
+    assert r["jax_fp32_over_torch_fp32_channels_last"] == pytest.approx(2.0)
+    assert r["jax_best_over_torch_fp32_channels_last"] == pytest.approx(6.0)
+    assert r["jax_best_over_torch_bf16"] == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("model", ["unetpp", "unet", "sunet"])

@@ -70,6 +70,16 @@ def test_speed_options_may_change_on_resume(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)  # Finished: resumes without training.
 
 
+def test_native_amx_without_amx_is_a_config_error(tiny_config, tmp_path, monkeypatch):
+    from busi_jax.models import conv
+
+    monkeypatch.setattr(conv, "amx_available", lambda: False)
+    tiny_config.model.wgrad = "native_amx"
+    with pytest.raises(train.ConfigError, match="needs a CPU with AMX bf16 tiles"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_native_wgrad_without_compiler_is_a_config_error(tiny_config, tmp_path, monkeypatch):
     from busi_jax import native
 

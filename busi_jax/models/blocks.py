@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from busi_jax.models.conv import chunked_conv, native_wgrad_conv
+from busi_jax.models.conv import amx_conv_general_dilated, chunked_conv, native_wgrad_conv
 
 Dtype = Any
 
@@ -29,9 +29,11 @@ NORMS = ("batch", "group", "none")
 SE_MODES = ("none", "se", "sse", "scse")
 UPSAMPLE_MODES = ("transpose", "bilinear", "nearest", "resize")
 SCSE_COMBINE = ("add", "max")
-# How 3x3 convolution weight gradients are computed: XLA's own, or the C++
-# kernel of busi_jax/csrc (built on first use; see busi_jax.models.conv).
-WGRAD_MODES = ("xla", "native")
+# Which kernels run the 3x3 convolutions: XLA's own; the C++ weight gradient
+# of busi_jax/csrc ('native', built on first use); or that plus the forward
+# pass and input gradient on AMX tiles in bf16 with float32 sums
+# ('native_amx', CPUs with AMX only). See busi_jax.models.conv.
+WGRAD_MODES = ("xla", "native", "native_amx")
 
 PARAM_DTYPE = jnp.float32
 
@@ -64,13 +66,16 @@ def conv(
 ) -> nn.Conv:
     """A 'SAME'-padded square convolution with He init and float32 params.
 
-    ``wgrad='native'`` computes its weight gradient with the C++ kernel;
-    otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
+    ``wgrad='native'`` computes its weight gradient with the C++ kernel,
+    ``'native_amx'`` also its forward pass and input gradient on AMX tiles
+    (bf16 products, float32 sums) where the shapes allow; otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
     (:mod:`busi_jax.models.conv`). Outputs and parameters are the same.
     """
     check_choice("wgrad", wgrad, WGRAD_MODES)
     if wgrad == "native":
         custom = native_wgrad_conv
+    elif wgrad == "native_amx":
+        custom = amx_conv_general_dilated
     else:
         custom = chunked_conv(wgrad_chunks) if wgrad_chunks > 1 else None
     return nn.Conv(
@@ -253,8 +258,9 @@ class ConvBlock(nn.Module):
       wgrad_chunks: batch slices for the weight gradients of layers with at
         least WGRAD_MIN_FEATURES channels on at most WGRAD_MAX_PIXELS pixels
         (1: XLA's own); outputs and parameters do not change.
-      wgrad: 'xla' or 'native' (the C++ weight-gradient kernel for every
-        conv; overrides ``wgrad_chunks``).
+      wgrad: 'xla', 'native' (the C++ weight-gradient kernel for every
+        conv) or 'native_amx' (that, plus AMX bf16 forward and input
+        gradient); either of the last two overrides ``wgrad_chunks``.
     """
 
     features: int

@@ -1,8 +1,15 @@
-"""Convolutions with a faster weight gradient on CPU (issue #9).
+"""Convolutions with faster kernels on CPU (issue #9).
 
-Two ``lax.conv_general_dilated`` replacements, both with the same forward
-pass and input gradient as XLA's and the same weight gradient up to float
-rounding:
+Three ``lax.conv_general_dilated`` replacements. The first two keep XLA's
+forward pass and input gradient and give the same weight gradient up to
+float rounding; the third trades float32 products for bfloat16 ones:
+
+* :data:`amx_conv_general_dilated` runs the forward pass, the input gradient
+  and the weight gradient of stride-1 NHWC convolutions with 16-channel
+  multiples on the CPU's AMX tile units (``busi_jax/csrc/conv_amx.cc``):
+  bfloat16 products summed in float32, like a bf16 autocast. Loss curves
+  track float32 within bf16 rounding (tests/test_conv.py); BUSI runs are
+  compared in docs/RESULTS.md and speeds in docs/BENCHMARKS.md.
 
 * :func:`native_wgrad_conv` computes the weight gradient of stride-1 NHWC
   convolutions with a C++ kernel through ``jax.ffi``
@@ -70,8 +77,17 @@ def _chunked_weight_gradient(lhs, rhs, g, kwargs, chunks):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(lhs: jax.Array, rhs: jax.Array, static: tuple) -> jax.Array:
-    """XLA's convolution; ``static = (kwargs, rule)`` picks the weight gradient."""
-    kwargs, _ = static
+    """The convolution; ``static = (kwargs, rule)``: the rule picks the kernels.
+
+    Rules: ``("chunks", k)`` and ``("native", dilation, pads)`` change only the
+    weight gradient; ``("amx", dilation, pads)`` also runs the forward pass and
+    the input gradient on AMX (:func:`amx_conv`).
+    """
+    kwargs, rule = static
+    if rule[0] == "amx":
+        out_hw = _out_hw(lhs.shape[1:3], rhs.shape[:2], rule[1], rule[2])
+        y = amx_conv(lhs, rhs, rule[1], tuple(p[0] for p in rule[2]), out_hw)
+        return y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
     return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
 
 
@@ -83,12 +99,16 @@ def _bwd(static, res, g):
     kwargs, rule = static
     kwargs = dict(kwargs)
     lhs, rhs = res
-    _, vjp_lhs = jax.vjp(lambda x: lax.conv_general_dilated(x, rhs, **kwargs), lhs)
-    (d_lhs,) = vjp_lhs(g)
+    if rule[0] == "amx":
+        d_lhs = amx_input_gradient(g, rhs, rule[1], rule[2], lhs.shape[1:3]).astype(lhs.dtype)
+    else:
+        _, vjp_lhs = jax.vjp(lambda x: lax.conv_general_dilated(x, rhs, **kwargs), lhs)
+        (d_lhs,) = vjp_lhs(g)
     if rule[0] == "chunks":
         d_rhs = _chunked_weight_gradient(lhs, rhs, g, kwargs, rule[1])
-    else:  # ("native", dilation, pads)
-        d_rhs = native_weight_gradient(lhs, g, rhs.shape, rule[1], rule[2]).astype(rhs.dtype)
+    else:
+        wgrad = amx_weight_gradient if rule[0] == "amx" else native_weight_gradient
+        d_rhs = wgrad(lhs, g, rhs.shape, rule[1], rule[2]).astype(rhs.dtype)
     return d_lhs, d_rhs
 
 
@@ -174,7 +194,21 @@ def native_weight_gradient(
       ``[KH, KW, C, O]`` float32: ``sum_{b,h,w} x[b, h + i*dh - lo_h, w + j*dw - lo_w, c]
       * dy[b, h, w, o]`` with ``x`` zero outside the image.
     """
-    target = native.load("conv_wgrad")
+    return _wgrad_call("conv_wgrad", x, dy, kernel_shape, dilation, pads)
+
+
+def amx_weight_gradient(
+    x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], dilation, pads
+) -> jax.Array:
+    """:func:`native_weight_gradient` on AMX tiles: bf16 products, float32 sums.
+
+    Needs ``C`` and ``O`` multiples of 16 and ``Wo`` a multiple of 8.
+    """
+    return _wgrad_call("conv_amx_wgrad", x, dy, kernel_shape, dilation, pads)
+
+
+def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads) -> jax.Array:
+    target = native.load(kernel)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
     return call(
         x.astype(jnp.float32),
@@ -184,6 +218,103 @@ def native_weight_gradient(
         pad_h=int(pads[0][0]),
         pad_w=int(pads[1][0]),
     )
+
+
+def _out_hw(in_hw, kernel_hw, dilation, pads) -> tuple[int, int]:
+    return tuple(
+        int(n + lo + hi - (k - 1) * d)
+        for n, k, d, (lo, hi) in zip(in_hw, kernel_hw, dilation, pads)
+    )
+
+
+def amx_conv(
+    x: jax.Array, kernel: jax.Array, dilation, pad_lo, out_hw: tuple[int, int]
+) -> jax.Array:
+    """A stride-1 NHWC/HWIO convolution on AMX tiles (``busi_jax/csrc/conv_amx.cc``).
+
+    Inputs are rounded to bfloat16 and their products summed in float32, as
+    XLA's and PyTorch's bf16 convolutions do.
+
+    Args:
+      x: ``[B, H, W, C]``, ``C`` a multiple of 16.
+      kernel: ``[KH, KW, C, O]``, ``O`` a multiple of 16.
+      dilation: ``(dh, dw)`` kernel dilation.
+      pad_lo: ``(top, left)`` zero padding (>= 0); the far side's padding
+        follows from ``out_hw``.
+      out_hw: ``(Ho, Wo)``, ``Wo`` a multiple of 8.
+
+    Returns:
+      ``[B, Ho, Wo, O]`` float32.
+    """
+    target = native.load("conv_amx")
+    shape = (x.shape[0], *out_hw, kernel.shape[3])
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))
+    return call(
+        x.astype(jnp.float32),
+        kernel.astype(jnp.float32),
+        dil_h=int(dilation[0]),
+        dil_w=int(dilation[1]),
+        pad_h=int(pad_lo[0]),
+        pad_w=int(pad_lo[1]),
+    )
+
+
+def _transposed_pads(kernel_hw, dilation, pads) -> tuple:
+    # The input gradient of a stride-1 conv is a conv of dy with the kernel
+    # flipped; each side's padding becomes the kernel's reach minus the old one.
+    return tuple(
+        ((k - 1) * d - lo, (k - 1) * d - hi) for k, d, (lo, hi) in zip(kernel_hw, dilation, pads)
+    )
+
+
+def amx_input_gradient(
+    dy: jax.Array, kernel: jax.Array, dilation, pads, in_hw: tuple[int, int]
+) -> jax.Array:
+    """``d conv(x, kernel) / dx`` applied to ``dy`` ``[B, Ho, Wo, O]``, on AMX.
+
+    Returns:
+      ``[B, H, W, C]`` float32 (``(H, W) = in_hw``).
+    """
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    lo = tuple(p[0] for p in _transposed_pads(kernel.shape[:2], dilation, pads))
+    return amx_conv(dy, flipped, dilation, lo, in_hw)
+
+
+AMX_CHANNELS = 16  # C and O must be multiples of this (one AMX tile column block).
+AMX_WIDTH = 8  # Input and output widths must be multiples of this (tile rows).
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether this CPU reports AMX bf16 tiles (Linux ``/proc/cpuinfo``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return {"amx_tile", "amx_bf16"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def _amx_rule(lhs, rhs, kwargs) -> tuple | None:
+    rule = _native_rule(lhs, rhs, kwargs)
+    if rule is None or not amx_available():
+        return rule
+    _, dilation, pads = rule
+    out_hw = _out_hw(lhs.shape[1:3], rhs.shape[:2], dilation, pads)
+    back = _transposed_pads(rhs.shape[:2], dilation, pads)
+    eligible = (
+        lhs.shape[3] % AMX_CHANNELS == 0
+        and rhs.shape[3] % AMX_CHANNELS == 0
+        and out_hw[1] % AMX_WIDTH == 0
+        and lhs.shape[2] % AMX_WIDTH == 0
+        and min(out_hw) > 0
+        and all(lo >= 0 for lo, _ in pads)
+        and all(lo >= 0 for lo, _ in back)
+    )
+    return ("amx", dilation, pads) if eligible else rule
 
 
 def _native_rule(lhs, rhs, kwargs) -> tuple | None:
@@ -217,4 +348,14 @@ Same signature and forward result as ``lax.conv_general_dilated``. The
 kernel takes stride-1, ungrouped, 2-D NHWC/HWIO convolutions with a
 multiple of 8 output channels on the CPU backend; anything else is
 passed to XLA unchanged, gradient included.
+"""
+
+amx_conv_general_dilated = _replacement(_amx_rule)
+amx_conv_general_dilated.__doc__ = """``lax.conv_general_dilated`` on AMX tiles in bf16 where it can.
+
+Where :func:`_amx_rule` accepts a convolution (the C++ weight gradient's
+conditions, plus 16-channel multiples, widths a multiple of 8 and an AMX
+CPU), its forward pass and input gradient run in :func:`amx_conv` and its
+weight gradient in :func:`amx_weight_gradient` (bf16 products, float32
+sums); otherwise it behaves as :data:`native_wgrad_conv`.
 """

@@ -1,0 +1,526 @@
+// Stride-1 2-D convolution on Intel AMX: NHWC input, HWIO kernel, float32 in
+// and out, bfloat16 products accumulated in float32.
+//
+//   y[b, h, w, o] = sum_{i, j, c} bf16(x[b, h + i*dil_h - pad_h, w + j*dil_w - pad_w, c])
+//                                 * bf16(k[i, j, c, o])
+//
+// (x taken as zero outside the image; the output's size comes from y's shape,
+// so any padding on the far side works.) busi_jax/models/conv.py uses it for
+// the forward pass and, with the kernel flipped and transposed, the input
+// gradient (issue #9: XLA:CPU's convolutions, fp32 and bf16 alike, run on the
+// AVX-512 units; these CPUs also have AMX tile units that multiply bf16
+// matrices several times faster, which is where PyTorch's bf16 lead comes from).
+//
+// How: each task takes one image and a band of its output rows. It first
+// copies the input rows the band needs into a zero-padded bf16 buffer (small
+// enough for L2), so every tap (i, j) of every M-pixel run of an output row is
+// a plain strided tile load: tile rows are M consecutive pixels, tile columns
+// K channels (M = 16 or 8, K = 32 or 16). The kernel is packed once per call
+// into AMX's pair-interleaved ("VNNI") layout, 16 output channels per tile.
+// Up to four accumulator tiles (pixel runs x output-channel blocks) collect
+// all taps and channels before one store into y.
+//
+// Requires C and O multiples of 16 and Wo a multiple of 8 (the Python side
+// checks; other convolutions stay on XLA). Built on first use by
+// busi_jax/native.py; the AMX code carries its own target attributes, so the
+// library compiles on any x86-64 g++ >= 11, and a CPU or kernel without AMX
+// gets an error from the first call, never wrong numbers.
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#define BUSI_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+
+constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE feature.
+constexpr long kXfeatureXtiledata = 18;     // AMX tile data.
+
+// Linux hands out AMX state only to processes that ask for it, once.
+bool AmxPermitted() {
+  static const bool ok =
+      syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+struct Geometry {
+  int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
+  int64_t M;  // pixels per tile (16 or 8); divides Wo
+  int64_t K;  // channels per tile (32 or 16); divides C
+  int64_t band;  // output rows per task
+};
+
+// Tiles: accumulators 0-3, inputs 4 and 7 (alternating), kernel 5 and 6.
+// Accumulator of pixel run p and output block q: p * NO + q.
+template <int NP, int NO>
+BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, float* y, const Geometry& g,
+                           int64_t hl, int64_t w0, int64_t ob0) {
+  static_assert(NP * NO <= 4 && NO <= 2, "four accumulator tiles");
+  _tile_zero(0);
+  if constexpr (NP * NO > 1) _tile_zero(1);
+  if constexpr (NP * NO > 2) _tile_zero(2);
+  if constexpr (NP * NO > 3) _tile_zero(3);
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
+  const int64_t nkc = g.C / g.K, nob = g.O / 16;
+  const int64_t a_stride = g.C * 2;
+  const int64_t tile_elems = g.K * 16;  // one packed kernel tile, bf16
+  for (int64_t i = 0; i < g.KH; ++i) {
+    const uint16_t* row = in + (hl + i * g.dil_h) * wp * g.C;
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const uint16_t* base = row + (w0 + j * g.dil_w) * g.C;
+      const uint16_t* kt = packed + ((i * g.KW + j) * nkc * nob + ob0) * tile_elems;
+      for (int64_t kc = 0; kc < nkc; ++kc) {
+        const uint16_t* a = base + kc * g.K;
+        const uint16_t* b = kt + kc * nob * tile_elems;
+        _tile_loadd(5, b, 64);
+        if constexpr (NO == 2) _tile_loadd(6, b + tile_elems, 64);
+        _tile_loadd(4, a, a_stride);
+        _tile_dpbf16ps(0, 4, 5);
+        if constexpr (NO == 2) _tile_dpbf16ps(1, 4, 6);
+        if constexpr (NP > 1) {
+          _tile_loadd(7, a + g.M * g.C, a_stride);
+          if constexpr (NO == 2) {
+            _tile_dpbf16ps(2, 7, 5);
+            _tile_dpbf16ps(3, 7, 6);
+          } else {
+            _tile_dpbf16ps(1, 7, 5);
+          }
+        }
+        if constexpr (NP > 2) {
+          _tile_loadd(4, a + 2 * g.M * g.C, a_stride);
+          _tile_dpbf16ps(2, 4, 5);
+          _tile_loadd(7, a + 3 * g.M * g.C, a_stride);
+          _tile_dpbf16ps(3, 7, 5);
+        }
+      }
+    }
+  }
+  const int64_t y_stride = g.O * 4;
+  float* out = y + w0 * g.O + ob0 * 16;
+  _tile_stored(0, out, y_stride);
+  if constexpr (NO == 2) {
+    _tile_stored(1, out + 16, y_stride);
+    if constexpr (NP > 1) {
+      _tile_stored(2, out + g.M * g.O, y_stride);
+      _tile_stored(3, out + g.M * g.O + 16, y_stride);
+    }
+  } else {
+    if constexpr (NP > 1) _tile_stored(1, out + g.M * g.O, y_stride);
+    if constexpr (NP > 2) _tile_stored(2, out + 2 * g.M * g.O, y_stride);
+    if constexpr (NP > 3) _tile_stored(3, out + 3 * g.M * g.O, y_stride);
+  }
+}
+
+// x rows [r_lo, r_lo + rows) of one image (r may fall outside 0..H-1) into a
+// zero-padded bf16 buffer whose column 0 is input column -pad_w.
+BUSI_AMX void PadToBf16(const float* x, uint16_t* out, const Geometry& g, int64_t r_lo,
+                        int64_t rows) {
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
+  std::memset(out, 0, rows * wp * g.C * sizeof(uint16_t));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = r_lo + r;
+    if (h < 0 || h >= g.H) continue;
+    for (int64_t q = 0; q < wp; ++q) {
+      const int64_t w = q - g.pad_w;
+      if (w < 0 || w >= g.W) continue;
+      const float* src = x + (h * g.W + w) * g.C;
+      uint16_t* dst = out + (r * wp + q) * g.C;
+      for (int64_t c = 0; c < g.C; c += 16) {
+        __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<__m256i&>(v));
+      }
+    }
+  }
+}
+
+BUSI_AMX void RunBand(const float* x, const uint16_t* packed, float* y, const Geometry& g,
+                      int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
+  const int64_t h1 = std::min(g.Ho, h0 + g.band);
+  const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
+  buf.resize(rows * wp * g.C);
+  PadToBf16(x + b * g.H * g.W * g.C, buf.data(), g, h0 - g.pad_h, rows);
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = static_cast<uint8_t>(g.M);
+    cfg.colsb[t] = 64;
+  }
+  for (int t : {4, 7}) cfg.colsb[t] = static_cast<uint16_t>(g.K * 2);  // M x K inputs
+  for (int t : {5, 6}) cfg.rows[t] = static_cast<uint8_t>(g.K / 2);    // K/2 x 16 pairs
+  _tile_loadconfig(&cfg);
+  const int64_t nob = g.O / 16, runs = g.Wo / g.M;
+  for (int64_t h = h0; h < h1; ++h) {
+    float* yrow = y + (b * g.Ho + h) * g.Wo * g.O;
+    const int64_t hl = h - h0;
+    int64_t ob = 0;
+    for (; ob + 2 <= nob; ob += 2) {
+      int64_t p = 0;
+      for (; p + 2 <= runs; p += 2) Micro<2, 2>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+      for (; p < runs; ++p) Micro<1, 2>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+    }
+    for (; ob < nob; ++ob) {
+      int64_t p = 0;
+      for (; p + 4 <= runs; p += 4) Micro<4, 1>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+      for (; p + 2 <= runs; p += 2) Micro<2, 1>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+      for (; p < runs; ++p) Micro<1, 1>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+    }
+  }
+  _tile_release();
+}
+
+// k [KH, KW, C, O] float32 -> per tap, channel chunk and 16-wide output
+// block, a K/2 x 16 tile of bf16 pairs: tile[k/2][n][k%2] = k[tap, chunk*K + k, block*16 + n].
+BUSI_AMX std::vector<uint16_t> PackKernel(const float* k, const Geometry& g) {
+  const int64_t taps = g.KH * g.KW, nkc = g.C / g.K, nob = g.O / 16;
+  std::vector<uint16_t> out(taps * g.C * g.O);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t kc = 0; kc < nkc; ++kc)
+      for (int64_t ob = 0; ob < nob; ++ob) {
+        uint16_t* tile = out.data() + ((t * nkc + kc) * nob + ob) * g.K * 16;
+        for (int64_t kk = 0; kk < g.K; ++kk) {
+          alignas(64) float row[16];
+          std::memcpy(row, k + (t * g.C + kc * g.K + kk) * g.O + ob * 16, sizeof(row));
+          __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(row));
+          alignas(32) uint16_t h[16];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(h), reinterpret_cast<__m256i&>(v));
+          for (int n = 0; n < 16; ++n) tile[(kk / 2) * 32 + n * 2 + (kk % 2)] = h[n];
+        }
+      }
+  return out;
+}
+
+// Tasks are (image, band of output rows), handed out by an atomic counter to
+// the caller and XLA's intra-op threads; late starters find nothing and return.
+struct Work {
+  const float* x;
+  const uint16_t* packed;
+  float* y;
+  Geometry g;
+  int64_t bands_per_image, tasks;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;  // Guarded by mu.
+
+  void Run() {
+    std::vector<uint16_t> buf;
+    int64_t finished = 0;
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+      RunBand(x, packed, y, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
+      ++finished;
+    }
+    if (finished == 0) return;
+    std::lock_guard<std::mutex> lock(mu);
+    done += finished;
+    if (done == tasks) cv.notify_all();
+  }
+};
+
+ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
+                   int64_t pad_w) {
+  auto xd = x.dimensions();
+  auto kd = k.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("busi_conv_amx: x, kernel and y must be rank 4");
+  if (xd[0] != yd[0] || xd[3] != kd[2] || yd[3] != kd[3])
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx: shapes disagree (x [B,H,W,C], kernel [KH,KW,C,O], y [B,Ho,Wo,O])");
+  if (xd[3] % 16 != 0 || kd[3] % 16 != 0 || yd[2] % 8 != 0)
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx: needs C and O multiples of 16 and output width a multiple of 8");
+  if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
+    return ffi::Error::InvalidArgument("busi_conv_amx: negative padding or dilation < 1");
+  if (!AmxPermitted())
+    return ffi::Error::Internal(
+        "busi_conv_amx: the kernel refused AMX tile state (arch_prctl); use model.wgrad='native'");
+  auto work = std::make_shared<Work>();
+  Geometry& g = work->g;
+  g = Geometry{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
+               pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, xd[3] % 32 == 0 ? 32 : 16, 1};
+  const int64_t batch = xd[0];
+  float* out = y->typed_data();
+  if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
+  const std::vector<uint16_t> packed = PackKernel(k.typed_data(), g);
+  // At least two tasks per participant, so a batch of one still uses every core.
+  const int64_t participants = std::max<int64_t>(pool.num_threads(), 0) + 1;
+  const int64_t want = std::max<int64_t>(1, (2 * participants + batch - 1) / batch);
+  g.band = std::max<int64_t>(1, (g.Ho + want - 1) / want);
+  work->bands_per_image = (g.Ho + g.band - 1) / g.band;
+  work->tasks = batch * work->bands_per_image;
+  work->x = x.typed_data();
+  work->packed = packed.data();
+  work->y = out;
+  const int64_t helpers = std::min<int64_t>(participants - 1, work->tasks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->cv.wait(lock, [&] { return work->done == work->tasks; });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------
+// Weight gradient on AMX:
+//
+//   dW[i, j, c, o] = sum_{b, h, w} bf16(x[b, h + i*dil_h - pad_h, w + j*dil_w - pad_w, c])
+//                                  * bf16(dy[b, h, w, o])
+//
+// A matrix product per tap with the pixels as the summed dimension: M = 16
+// input channels, N = 16 output channels, K = P pixels of one output row
+// (P = 32, 16 or 8, dividing Wo). Per image, x is copied channel-major and
+// zero-padded (xt[c][r][q], so a tap's shift is just an offset along a row
+// of the A tile) and dy pair-interleaved (dyv[h][w/2][o][w%2], AMX's layout
+// for B). Up to four taps share each loaded dy tile. Each participant sums
+// its images into its own float32 buffer; the buffers are added at the end.
+
+struct WgradGeometry {
+  int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
+  int64_t P;       // pixels per tile step
+  int64_t Hp, Wp;  // padded input rows and columns the taps reach
+};
+
+BUSI_AMX void ChannelMajorBf16(const float* x, uint16_t* xt, const WgradGeometry& g) {
+  std::memset(xt, 0, g.C * g.Hp * g.Wp * sizeof(uint16_t));
+  // Sixteen pixels of one channel per gather: the 16 cache lines they sit on
+  // serve all C channels while they stay in L1.
+  const __m512i pixel = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(g.C)));
+  const int64_t q0 = std::max<int64_t>(0, g.pad_w), q1 = std::min(g.Wp, g.W + g.pad_w);
+  for (int64_t r = 0; r < g.Hp; ++r) {
+    const int64_t h = r - g.pad_h;
+    if (h < 0 || h >= g.H) continue;
+    for (int64_t q = q0; q < q1; q += 16) {
+      const __mmask16 m = static_cast<__mmask16>(q1 - q >= 16 ? 0xffff : (1u << (q1 - q)) - 1);
+      const float* src = x + (h * g.W + q - g.pad_w) * g.C;
+      uint16_t* dst = xt + r * g.Wp + q;
+      for (int64_t c = 0; c < g.C; ++c) {
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, pixel, src + c, 4);
+        __m256bh b = _mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16(dst + c * g.Hp * g.Wp, m, reinterpret_cast<__m256i&>(b));
+      }
+    }
+  }
+}
+
+BUSI_AMX void PairInterleavedBf16(const float* dy, uint16_t* dyv, const WgradGeometry& g) {
+  // cvtne2ps packs [a0..a15, b0..b15]; the permutation makes it [a0, b0, a1, b1, ...].
+  alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19,
+                                                       4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8,  24, 9,  25, 10, 26, 11, 27,
+                                                       12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  for (int64_t p = 0; p < g.Ho * g.Wo; p += 2) {
+    const float* a = dy + p * g.O;
+    uint16_t* dst = dyv + p * g.O;
+    for (int64_t o = 0; o < g.O; o += 16) {
+      __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + g.O + o), _mm512_loadu_ps(a + o));
+      _mm512_storeu_si512(dst + 2 * o,
+                          _mm512_permutexvar_epi16(idx, reinterpret_cast<__m512i&>(v)));
+    }
+  }
+}
+
+// acc [KH*KW, C, O] (float32) += taps t0..t0+NT-1 of channel block cb and
+// output block ob, over one image. Tiles: accumulators 0-3, x 4 and 5, dy 6.
+template <int NT>
+BUSI_AMX inline void WgradTaps(const uint16_t* xt, const uint16_t* dyv, float* acc,
+                               const WgradGeometry& g, int64_t t0, int64_t cb, int64_t ob) {
+  static_assert(NT >= 1 && NT <= 4, "four accumulator tiles");
+  const int64_t acc_stride = g.O * 4;
+  float* a[NT];
+  const uint16_t* xb[NT];
+  for (int n = 0; n < NT; ++n) {
+    const int64_t t = t0 + n, i = t / g.KW, j = t % g.KW;
+    a[n] = acc + (t * g.C + cb * 16) * g.O + ob * 16;
+    xb[n] = xt + cb * 16 * g.Hp * g.Wp + i * g.dil_h * g.Wp + j * g.dil_w;
+  }
+  _tile_loadd(0, a[0], acc_stride);
+  if constexpr (NT > 1) _tile_loadd(1, a[1], acc_stride);
+  if constexpr (NT > 2) _tile_loadd(2, a[2], acc_stride);
+  if constexpr (NT > 3) _tile_loadd(3, a[3], acc_stride);
+  const int64_t x_stride = g.Hp * g.Wp * 2, dy_stride = g.O * 4;
+  for (int64_t h = 0; h < g.Ho; ++h) {
+    for (int64_t w0 = 0; w0 < g.Wo; w0 += g.P) {
+      _tile_loadd(6, dyv + (h * g.Wo + w0) * g.O + ob * 32, dy_stride);
+      const int64_t off = h * g.Wp + w0;
+      _tile_loadd(4, xb[0] + off, x_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NT > 1) {
+        _tile_loadd(5, xb[1] + off, x_stride);
+        _tile_dpbf16ps(1, 5, 6);
+      }
+      if constexpr (NT > 2) {
+        _tile_loadd(4, xb[2] + off, x_stride);
+        _tile_dpbf16ps(2, 4, 6);
+      }
+      if constexpr (NT > 3) {
+        _tile_loadd(5, xb[3] + off, x_stride);
+        _tile_dpbf16ps(3, 5, 6);
+      }
+    }
+  }
+  _tile_stored(0, a[0], acc_stride);
+  if constexpr (NT > 1) _tile_stored(1, a[1], acc_stride);
+  if constexpr (NT > 2) _tile_stored(2, a[2], acc_stride);
+  if constexpr (NT > 3) _tile_stored(3, a[3], acc_stride);
+}
+
+BUSI_AMX void WgradImage(const float* x, const float* dy, float* acc, const WgradGeometry& g,
+                         std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
+  xt.resize(g.C * g.Hp * g.Wp);
+  dyv.resize(g.Ho * g.Wo * g.O);
+  ChannelMajorBf16(x, xt.data(), g);
+  PairInterleavedBf16(dy, dyv.data(), g);
+  TileConfig cfg;
+  for (int t = 0; t < 4; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  for (int t : {4, 5}) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = static_cast<uint16_t>(g.P * 2);  // 16 channels x P pixels
+  }
+  cfg.rows[6] = static_cast<uint8_t>(g.P / 2);  // P/2 pixel pairs x 16 outputs
+  cfg.colsb[6] = 64;
+  _tile_loadconfig(&cfg);
+  const int64_t taps = g.KH * g.KW;
+  for (int64_t cb = 0; cb < g.C / 16; ++cb)
+    for (int64_t ob = 0; ob < g.O / 16; ++ob) {
+      int64_t t = 0;
+      for (; t + 4 <= taps; t += 4) WgradTaps<4>(xt.data(), dyv.data(), acc, g, t, cb, ob);
+      if (taps - t == 3) WgradTaps<3>(xt.data(), dyv.data(), acc, g, t, cb, ob);
+      if (taps - t == 2) WgradTaps<2>(xt.data(), dyv.data(), acc, g, t, cb, ob);
+      if (taps - t == 1) WgradTaps<1>(xt.data(), dyv.data(), acc, g, t, cb, ob);
+    }
+  _tile_release();
+}
+
+struct WgradWork {
+  const float* x;
+  const float* dy;
+  WgradGeometry g;
+  int64_t batch, size;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> slots{0};
+  std::vector<std::vector<float>> partial;
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t done = 0;  // Guarded by mu.
+
+  void Run() {
+    int64_t b = next.fetch_add(1);
+    if (b >= batch) return;
+    std::vector<float>& acc = partial[slots.fetch_add(1)];
+    acc.assign(size, 0.0f);
+    std::vector<uint16_t> xt, dyv;
+    int64_t finished = 0;
+    for (; b < batch; b = next.fetch_add(1)) {
+      WgradImage(x + b * g.H * g.W * g.C, dy + b * g.Ho * g.Wo * g.O, acc.data(), g, xt, dyv);
+      ++finished;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    done += finished;
+    if (done == batch) cv.notify_all();
+  }
+};
+
+ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                        ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
+                        int64_t pad_h, int64_t pad_w) {
+  auto xd = x.dimensions();
+  auto yd = dy.dimensions();
+  auto wd = dw->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
+    return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: x, dy and dW must be rank 4");
+  if (xd[0] != yd[0] || xd[3] != wd[2] || yd[3] != wd[3])
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_wgrad: shapes disagree (x [B,H,W,C], dy [B,Ho,Wo,O], dW [KH,KW,C,O])");
+  if (xd[3] % 16 != 0 || wd[3] % 16 != 0 || yd[2] % 8 != 0)
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_wgrad: needs C and O multiples of 16 and output width a multiple of 8");
+  if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
+    return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: negative padding or dilation < 1");
+  if (!AmxPermitted())
+    return ffi::Error::Internal(
+        "busi_conv_amx_wgrad: the kernel refused AMX tile state (arch_prctl); use "
+        "model.wgrad='native'");
+  auto work = std::make_shared<WgradWork>();
+  WgradGeometry& g = work->g;
+  const int64_t Wo = yd[2];
+  g = WgradGeometry{xd[1], xd[2], xd[3], yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
+                    pad_h, pad_w, Wo % 32 == 0 ? 32 : (Wo % 16 == 0 ? 16 : 8),
+                    yd[1] + (wd[0] - 1) * dil_h, Wo + (wd[1] - 1) * dil_w};
+  work->x = x.typed_data();
+  work->dy = dy.typed_data();
+  work->batch = xd[0];
+  work->size = wd[0] * wd[1] * wd[2] * wd[3];
+  float* out = dw->typed_data();
+  if (work->batch == 0 || g.Ho == 0) {
+    std::fill(out, out + work->size, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t helpers =
+      std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 0), work->batch - 1);
+  work->partial.resize(helpers + 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  {
+    std::unique_lock<std::mutex> lock(work->mu);
+    work->cv.wait(lock, [&] { return work->done == work->batch; });
+  }
+  const int used = work->slots.load();
+  std::memcpy(out, work->partial[0].data(), work->size * sizeof(float));
+  for (int s = 1; s < used; ++s) {
+    const float* p = work->partial[s].data();
+    for (int64_t k = 0; k < work->size; ++k) out[k] += p[k];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
