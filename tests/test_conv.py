@@ -334,3 +334,26 @@ def test_amx_loss_curve_tracks_xla():
     amx = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="native_amx")
     assert xla[-1] < xla[0] and amx[-1] < amx[0]
     np.testing.assert_allclose(amx, xla, rtol=1e-2)
+
+
+@needs_amx
+def test_amx_kernels_take_bfloat16_buffers_as_they_are():
+    """bf16 in, bf16 out (forward, input gradient); the same sums as from float32."""
+    x = _bf16(jax.random.normal(jax.random.key(0), (2, 16, 16, 32)))
+    w = _bf16(jax.random.normal(jax.random.key(1), (3, 3, 32, 16)))
+    dy = _bf16(jax.random.normal(jax.random.key(2), (2, 16, 16, 16)))
+    b = jnp.bfloat16
+    y32 = amx_conv(x, w, (1, 1), (1, 1), (16, 16))
+    y16 = amx_conv(x.astype(b), w.astype(b), (1, 1), (1, 1), (16, 16))
+    assert y16.dtype == b
+    np.testing.assert_array_equal(y16, y32.astype(b))  # One rounding of the same sum.
+    pads = ((1, 1), (1, 1))
+    d32 = amx_input_gradient(dy, w, (1, 1), pads, (16, 16))
+    d16 = amx_input_gradient(dy.astype(b), w.astype(b), (1, 1), pads, (16, 16))
+    np.testing.assert_array_equal(d16, d32.astype(b))
+    # The weight gradient reads bf16 x and dy, including the image's last value.
+    args = ((3, 3, 32, 16), (1, 1), pads)
+    g32 = amx_weight_gradient(x, dy, *args)
+    g16 = amx_weight_gradient(x.astype(b), dy.astype(b), *args)
+    assert g16.dtype == jnp.float32
+    np.testing.assert_array_equal(g16, g32)

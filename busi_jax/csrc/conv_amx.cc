@@ -1,5 +1,5 @@
-// Stride-1 2-D convolution on Intel AMX: NHWC input, HWIO kernel, float32 in
-// and out, bfloat16 products accumulated in float32.
+// Stride-1 2-D convolution on Intel AMX: NHWC input, HWIO kernel, float32 or
+// bfloat16 in and out, bfloat16 products accumulated in float32.
 //
 //   y[b, h, w, o] = sum_{i, j, c} bf16(x[b, h + i*dil_h - pad_h, w + j*dil_w - pad_w, c])
 //                                 * bf16(k[i, j, c, o])
@@ -70,13 +70,32 @@ struct Geometry {
   int64_t M;  // pixels per tile (16 or 8); divides Wo
   int64_t K;  // channels per tile (32 or 16); divides C
   int64_t band;  // output rows per task
+  bool x_bf16, y_bf16;  // element types of x and y (else float32)
 };
 
 // Tiles: accumulators 0-3, inputs 4 and 7 (alternating), kernel 5 and 6.
 // Accumulator of pixel run p and output block q: p * NO + q.
+// Accumulator tile -> y at (pixel w0, output channel o0): a direct store for
+// float32 y; for bf16 y through a float32 scratch tile, rounded row by row.
+#define BUSI_STORE_TILE(t, w0, o0)                                                   \
+  do {                                                                              \
+    if (g.y_bf16) {                                                                 \
+      _tile_stored(t, scratch, 64);                                                 \
+      uint16_t* dst = static_cast<uint16_t*>(yrow) + (w0) * g.O + (o0);             \
+      for (int64_t m = 0; m < g.M; ++m) {                                           \
+        __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(scratch + m * 16));          \
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + m * g.O),              \
+                            reinterpret_cast<__m256i&>(v));                         \
+      }                                                                             \
+    } else {                                                                        \
+      _tile_stored(t, static_cast<float*>(yrow) + (w0) * g.O + (o0), g.O * 4);      \
+    }                                                                               \
+  } while (0)
+
 template <int NP, int NO>
-BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, float* y, const Geometry& g,
-                           int64_t hl, int64_t w0, int64_t ob0) {
+BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, void* yrow,
+                           const Geometry& g, int64_t hl, int64_t w0, int64_t ob0) {
+  alignas(64) float scratch[16 * 16];
   static_assert(NP * NO <= 4 && NO <= 2, "four accumulator tiles");
   _tile_zero(0);
   if constexpr (NP * NO > 1) _tile_zero(1);
@@ -117,25 +136,25 @@ BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, float* y,
       }
     }
   }
-  const int64_t y_stride = g.O * 4;
-  float* out = y + w0 * g.O + ob0 * 16;
-  _tile_stored(0, out, y_stride);
+  const int64_t o0 = ob0 * 16;
+  BUSI_STORE_TILE(0, w0, o0);
   if constexpr (NO == 2) {
-    _tile_stored(1, out + 16, y_stride);
+    BUSI_STORE_TILE(1, w0, o0 + 16);
     if constexpr (NP > 1) {
-      _tile_stored(2, out + g.M * g.O, y_stride);
-      _tile_stored(3, out + g.M * g.O + 16, y_stride);
+      BUSI_STORE_TILE(2, w0 + g.M, o0);
+      BUSI_STORE_TILE(3, w0 + g.M, o0 + 16);
     }
   } else {
-    if constexpr (NP > 1) _tile_stored(1, out + g.M * g.O, y_stride);
-    if constexpr (NP > 2) _tile_stored(2, out + 2 * g.M * g.O, y_stride);
-    if constexpr (NP > 3) _tile_stored(3, out + 3 * g.M * g.O, y_stride);
+    if constexpr (NP > 1) BUSI_STORE_TILE(1, w0 + g.M, o0);
+    if constexpr (NP > 2) BUSI_STORE_TILE(2, w0 + 2 * g.M, o0);
+    if constexpr (NP > 3) BUSI_STORE_TILE(3, w0 + 3 * g.M, o0);
   }
 }
+#undef BUSI_STORE_TILE
 
 // x rows [r_lo, r_lo + rows) of one image (r may fall outside 0..H-1) into a
 // zero-padded bf16 buffer whose column 0 is input column -pad_w.
-BUSI_AMX void PadToBf16(const float* x, uint16_t* out, const Geometry& g, int64_t r_lo,
+BUSI_AMX void PadToBf16(const void* image, uint16_t* out, const Geometry& g, int64_t r_lo,
                         int64_t rows) {
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
   std::memset(out, 0, rows * wp * g.C * sizeof(uint16_t));
@@ -145,8 +164,12 @@ BUSI_AMX void PadToBf16(const float* x, uint16_t* out, const Geometry& g, int64_
     for (int64_t q = 0; q < wp; ++q) {
       const int64_t w = q - g.pad_w;
       if (w < 0 || w >= g.W) continue;
-      const float* src = x + (h * g.W + w) * g.C;
       uint16_t* dst = out + (r * wp + q) * g.C;
+      if (g.x_bf16) {
+        std::memcpy(dst, static_cast<const uint16_t*>(image) + (h * g.W + w) * g.C, g.C * 2);
+        continue;
+      }
+      const float* src = static_cast<const float*>(image) + (h * g.W + w) * g.C;
       for (int64_t c = 0; c < g.C; c += 16) {
         __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<__m256i&>(v));
@@ -155,13 +178,15 @@ BUSI_AMX void PadToBf16(const float* x, uint16_t* out, const Geometry& g, int64_
   }
 }
 
-BUSI_AMX void RunBand(const float* x, const uint16_t* packed, float* y, const Geometry& g,
+BUSI_AMX void RunBand(const void* x, const uint16_t* packed, void* y, const Geometry& g,
                       int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
+  const int64_t xbytes = g.x_bf16 ? 2 : 4, ybytes = g.y_bf16 ? 2 : 4;
   const int64_t h1 = std::min(g.Ho, h0 + g.band);
   const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
   buf.resize(rows * wp * g.C);
-  PadToBf16(x + b * g.H * g.W * g.C, buf.data(), g, h0 - g.pad_h, rows);
+  PadToBf16(static_cast<const char*>(x) + b * g.H * g.W * g.C * xbytes, buf.data(), g,
+            h0 - g.pad_h, rows);
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(g.M);
@@ -172,7 +197,7 @@ BUSI_AMX void RunBand(const float* x, const uint16_t* packed, float* y, const Ge
   _tile_loadconfig(&cfg);
   const int64_t nob = g.O / 16, runs = g.Wo / g.M;
   for (int64_t h = h0; h < h1; ++h) {
-    float* yrow = y + (b * g.Ho + h) * g.Wo * g.O;
+    void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * ybytes;
     const int64_t hl = h - h0;
     int64_t ob = 0;
     for (; ob + 2 <= nob; ob += 2) {
@@ -192,7 +217,7 @@ BUSI_AMX void RunBand(const float* x, const uint16_t* packed, float* y, const Ge
 
 // k [KH, KW, C, O] float32 -> per tap, channel chunk and 16-wide output
 // block, a K/2 x 16 tile of bf16 pairs: tile[k/2][n][k%2] = k[tap, chunk*K + k, block*16 + n].
-BUSI_AMX std::vector<uint16_t> PackKernel(const float* k, const Geometry& g) {
+BUSI_AMX std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const Geometry& g) {
   const int64_t taps = g.KH * g.KW, nkc = g.C / g.K, nob = g.O / 16;
   std::vector<uint16_t> out(taps * g.C * g.O);
   for (int64_t t = 0; t < taps; ++t)
@@ -200,11 +225,14 @@ BUSI_AMX std::vector<uint16_t> PackKernel(const float* k, const Geometry& g) {
       for (int64_t ob = 0; ob < nob; ++ob) {
         uint16_t* tile = out.data() + ((t * nkc + kc) * nob + ob) * g.K * 16;
         for (int64_t kk = 0; kk < g.K; ++kk) {
-          alignas(64) float row[16];
-          std::memcpy(row, k + (t * g.C + kc * g.K + kk) * g.O + ob * 16, sizeof(row));
-          __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(row));
+          const int64_t at = (t * g.C + kc * g.K + kk) * g.O + ob * 16;
           alignas(32) uint16_t h[16];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(h), reinterpret_cast<__m256i&>(v));
+          if (bf16) {
+            std::memcpy(h, static_cast<const uint16_t*>(kernel) + at, sizeof(h));
+          } else {
+            __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(static_cast<const float*>(kernel) + at));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(h), reinterpret_cast<__m256i&>(v));
+          }
           for (int n = 0; n < 16; ++n) tile[(kk / 2) * 32 + n * 2 + (kk % 2)] = h[n];
         }
       }
@@ -214,9 +242,9 @@ BUSI_AMX std::vector<uint16_t> PackKernel(const float* k, const Geometry& g) {
 // Tasks are (image, band of output rows), handed out by an atomic counter to
 // the caller and XLA's intra-op threads; late starters find nothing and return.
 struct Work {
-  const float* x;
+  const void* x;
   const uint16_t* packed;
-  float* y;
+  void* y;
   Geometry g;
   int64_t bands_per_image, tasks;
   std::atomic<int64_t> next{0};
@@ -238,9 +266,15 @@ struct Work {
   }
 };
 
-ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
+bool F32OrBf16(const ffi::AnyBuffer& b) {
+  return b.element_type() == ffi::DataType::F32 || b.element_type() == ffi::DataType::BF16;
+}
+
+ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
                    int64_t pad_w) {
+  if (!F32OrBf16(x) || !F32OrBf16(k) || !F32OrBf16(*y))
+    return ffi::Error::InvalidArgument("busi_conv_amx: x, kernel and y must be float32 or bf16");
   auto xd = x.dimensions();
   auto kd = k.dimensions();
   auto yd = y->dimensions();
@@ -260,18 +294,20 @@ ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   auto work = std::make_shared<Work>();
   Geometry& g = work->g;
   g = Geometry{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
-               pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, xd[3] % 32 == 0 ? 32 : 16, 1};
+               pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, xd[3] % 32 == 0 ? 32 : 16, 1,
+               x.element_type() == ffi::DataType::BF16, y->element_type() == ffi::DataType::BF16};
   const int64_t batch = xd[0];
-  float* out = y->typed_data();
+  void* out = y->untyped_data();
   if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
-  const std::vector<uint16_t> packed = PackKernel(k.typed_data(), g);
+  const std::vector<uint16_t> packed =
+      PackKernel(k.untyped_data(), k.element_type() == ffi::DataType::BF16, g);
   // At least two tasks per participant, so a batch of one still uses every core.
   const int64_t participants = std::max<int64_t>(pool.num_threads(), 0) + 1;
   const int64_t want = std::max<int64_t>(1, (2 * participants + batch - 1) / batch);
   g.band = std::max<int64_t>(1, (g.Ho + want - 1) / want);
   work->bands_per_image = (g.Ho + g.band - 1) / g.band;
   work->tasks = batch * work->bands_per_image;
-  work->x = x.typed_data();
+  work->x = x.untyped_data();
   work->packed = packed.data();
   work->y = out;
   const int64_t helpers = std::min<int64_t>(participants - 1, work->tasks - 1);
@@ -300,9 +336,10 @@ struct WgradGeometry {
   int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
   int64_t P;       // pixels per tile step
   int64_t Hp, Wp;  // padded input rows and columns the taps reach
+  bool x_bf16, dy_bf16;  // element types (else float32)
 };
 
-BUSI_AMX void ChannelMajorBf16(const float* x, uint16_t* xt, const WgradGeometry& g) {
+BUSI_AMX void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeometry& g) {
   std::memset(xt, 0, g.C * g.Hp * g.Wp * sizeof(uint16_t));
   // Sixteen pixels of one channel per gather: the 16 cache lines they sit on
   // serve all C channels while they stay in L1.
@@ -315,8 +352,22 @@ BUSI_AMX void ChannelMajorBf16(const float* x, uint16_t* xt, const WgradGeometry
     if (h < 0 || h >= g.H) continue;
     for (int64_t q = q0; q < q1; q += 16) {
       const __mmask16 m = static_cast<__mmask16>(q1 - q >= 16 ? 0xffff : (1u << (q1 - q)) - 1);
-      const float* src = x + (h * g.W + q - g.pad_w) * g.C;
+      const int64_t at = (h * g.W + q - g.pad_w) * g.C;
       uint16_t* dst = xt + r * g.Wp + q;
+      if (g.x_bf16) {
+        // No 16-bit gather: gather the 32 bits ending at channel c (c >= 1)
+        // or starting at it (c = 0), so no read passes the image's last value.
+        const uint16_t* src = static_cast<const uint16_t*>(image) + at;
+        const __m512i scaled = _mm512_slli_epi32(pixel, 1);  // bytes
+        for (int64_t c = 0; c < g.C; ++c) {
+          const char* base = reinterpret_cast<const char*>(src + (c == 0 ? 0 : c - 1));
+          __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, scaled, base, 1);
+          if (c != 0) v = _mm512_srli_epi32(v, 16);
+          _mm256_mask_storeu_epi16(dst + c * g.Hp * g.Wp, m, _mm512_cvtepi32_epi16(v));
+        }
+        continue;
+      }
+      const float* src = static_cast<const float*>(image) + at;
       for (int64_t c = 0; c < g.C; ++c) {
         const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, pixel, src + c, 4);
         __m256bh b = _mm512_cvtneps_pbh(v);
@@ -326,7 +377,7 @@ BUSI_AMX void ChannelMajorBf16(const float* x, uint16_t* xt, const WgradGeometry
   }
 }
 
-BUSI_AMX void PairInterleavedBf16(const float* dy, uint16_t* dyv, const WgradGeometry& g) {
+BUSI_AMX void PairInterleavedBf16(const void* grad, uint16_t* dyv, const WgradGeometry& g) {
   // cvtne2ps packs [a0..a15, b0..b15]; the permutation makes it [a0, b0, a1, b1, ...].
   alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19,
                                                        4,  20, 5,  21, 6,  22, 7,  23,
@@ -334,8 +385,18 @@ BUSI_AMX void PairInterleavedBf16(const float* dy, uint16_t* dyv, const WgradGeo
                                                        12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i idx = _mm512_load_si512(kInterleave);
   for (int64_t p = 0; p < g.Ho * g.Wo; p += 2) {
-    const float* a = dy + p * g.O;
     uint16_t* dst = dyv + p * g.O;
+    if (g.dy_bf16) {
+      const uint16_t* a = static_cast<const uint16_t*>(grad) + p * g.O;
+      for (int64_t o = 0; o < g.O; o += 16) {
+        const __m512i ab = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + o))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + g.O + o)), 1);
+        _mm512_storeu_si512(dst + 2 * o, _mm512_permutexvar_epi16(idx, ab));
+      }
+      continue;
+    }
+    const float* a = static_cast<const float*>(grad) + p * g.O;
     for (int64_t o = 0; o < g.O; o += 16) {
       __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + g.O + o), _mm512_loadu_ps(a + o));
       _mm512_storeu_si512(dst + 2 * o,
@@ -389,7 +450,7 @@ BUSI_AMX inline void WgradTaps(const uint16_t* xt, const uint16_t* dyv, float* a
   if constexpr (NT > 3) _tile_stored(3, a[3], acc_stride);
 }
 
-BUSI_AMX void WgradImage(const float* x, const float* dy, float* acc, const WgradGeometry& g,
+BUSI_AMX void WgradImage(const void* x, const void* dy, float* acc, const WgradGeometry& g,
                          std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
   xt.resize(g.C * g.Hp * g.Wp);
   dyv.resize(g.Ho * g.Wo * g.O);
@@ -420,8 +481,8 @@ BUSI_AMX void WgradImage(const float* x, const float* dy, float* acc, const Wgra
 }
 
 struct WgradWork {
-  const float* x;
-  const float* dy;
+  const void* x;
+  const void* dy;
   WgradGeometry g;
   int64_t batch, size;
   std::atomic<int64_t> next{0};
@@ -439,7 +500,10 @@ struct WgradWork {
     std::vector<uint16_t> xt, dyv;
     int64_t finished = 0;
     for (; b < batch; b = next.fetch_add(1)) {
-      WgradImage(x + b * g.H * g.W * g.C, dy + b * g.Ho * g.Wo * g.O, acc.data(), g, xt, dyv);
+      const int64_t xb = g.x_bf16 ? 2 : 4, yb = g.dy_bf16 ? 2 : 4;
+      WgradImage(static_cast<const char*>(x) + b * g.H * g.W * g.C * xb,
+                 static_cast<const char*>(dy) + b * g.Ho * g.Wo * g.O * yb, acc.data(), g, xt,
+                 dyv);
       ++finished;
     }
     std::lock_guard<std::mutex> lock(mu);
@@ -448,9 +512,11 @@ struct WgradWork {
   }
 };
 
-ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                         ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
                         int64_t pad_h, int64_t pad_w) {
+  if (!F32OrBf16(x) || !F32OrBf16(dy))
+    return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: x and dy must be float32 or bf16");
   auto xd = x.dimensions();
   auto yd = dy.dimensions();
   auto wd = dw->dimensions();
@@ -473,9 +539,11 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t Wo = yd[2];
   g = WgradGeometry{xd[1], xd[2], xd[3], yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
                     pad_h, pad_w, Wo % 32 == 0 ? 32 : (Wo % 16 == 0 ? 16 : 8),
-                    yd[1] + (wd[0] - 1) * dil_h, Wo + (wd[1] - 1) * dil_w};
-  work->x = x.typed_data();
-  work->dy = dy.typed_data();
+                    yd[1] + (wd[0] - 1) * dil_h, Wo + (wd[1] - 1) * dil_w,
+                    x.element_type() == ffi::DataType::BF16,
+                    dy.element_type() == ffi::DataType::BF16};
+  work->x = x.untyped_data();
+  work->dy = dy.untyped_data();
   work->batch = xd[0];
   work->size = wd[0] * wd[1] * wd[2] * wd[3];
   float* out = dw->typed_data();
@@ -506,9 +574,9 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // kernel
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Arg<ffi::AnyBuffer>()  // x: float32 or bf16
+                                  .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
+                                  .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")
                                   .Attr<int64_t>("pad_h")
@@ -517,8 +585,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
+                                  .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
+                                  .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")

@@ -202,17 +202,26 @@ def amx_weight_gradient(
 ) -> jax.Array:
     """:func:`native_weight_gradient` on AMX tiles: bf16 products, float32 sums.
 
-    Needs ``C`` and ``O`` multiples of 16 and ``Wo`` a multiple of 8.
+    Takes float32 or bfloat16 ``x`` and ``dy`` as they are (no cast on the way
+    in); needs ``C`` and ``O`` multiples of 16 and ``Wo`` a multiple of 8.
     """
-    return _wgrad_call("conv_amx_wgrad", x, dy, kernel_shape, dilation, pads)
+    return _wgrad_call("conv_amx_wgrad", _amx_io(x), _amx_io(dy), kernel_shape, dilation, pads)
+
+
+def _amx_io(a: jax.Array) -> jax.Array:
+    # The AMX kernels read and write float32 or bf16 buffers as they are: a
+    # bf16 network's activations then cross the call at half the bytes.
+    return a if a.dtype in (jnp.float32, jnp.bfloat16) else a.astype(jnp.float32)
 
 
 def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads) -> jax.Array:
     target = native.load(kernel)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
+    if kernel == "conv_wgrad":  # float32 only
+        x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
     return call(
-        x.astype(jnp.float32),
-        dy.astype(jnp.float32),
+        x,
+        dy,
         dil_h=int(dilation[0]),
         dil_w=int(dilation[1]),
         pad_h=int(pads[0][0]),
@@ -233,7 +242,8 @@ def amx_conv(
     """A stride-1 NHWC/HWIO convolution on AMX tiles (``busi_jax/csrc/conv_amx.cc``).
 
     Inputs are rounded to bfloat16 and their products summed in float32, as
-    XLA's and PyTorch's bf16 convolutions do.
+    XLA's and PyTorch's bf16 convolutions do. Float32 and bfloat16 buffers
+    are read and written as they are.
 
     Args:
       x: ``[B, H, W, C]``, ``C`` a multiple of 16.
@@ -244,14 +254,17 @@ def amx_conv(
       out_hw: ``(Ho, Wo)``, ``Wo`` a multiple of 8.
 
     Returns:
-      ``[B, Ho, Wo, O]`` float32.
+      ``[B, Ho, Wo, O]``: bfloat16 if ``x`` and ``kernel`` both are, else float32.
     """
     target = native.load("conv_amx")
+    x, kernel = _amx_io(x), _amx_io(kernel)
     shape = (x.shape[0], *out_hw, kernel.shape[3])
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))
+    both_bf16 = x.dtype == kernel.dtype == jnp.bfloat16
+    out_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, out_dtype))
     return call(
-        x.astype(jnp.float32),
-        kernel.astype(jnp.float32),
+        x,
+        kernel,
         dil_h=int(dilation[0]),
         dil_w=int(dilation[1]),
         pad_h=int(pad_lo[0]),
@@ -273,7 +286,7 @@ def amx_input_gradient(
     """``d conv(x, kernel) / dx`` applied to ``dy`` ``[B, Ho, Wo, O]``, on AMX.
 
     Returns:
-      ``[B, H, W, C]`` float32 (``(H, W) = in_hw``).
+      ``[B, H, W, C]`` (``(H, W) = in_hw``), dtype as in :func:`amx_conv`.
     """
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     lo = tuple(p[0] for p in _transposed_pads(kernel.shape[:2], dilation, pads))
