@@ -678,3 +678,22 @@ def test_deconv2x2_is_the_transposed_conv_it_replaces(dtype):
     g_new = jax.grad(loss, argnums=(0, 1))(v, x, new)
     for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_new)):
         np.testing.assert_allclose(b, a, atol=tol * float(jnp.max(jnp.abs(a))), rtol=tol)
+
+
+def test_max_pool2_matches_flax_values_and_gradient_without_ties():
+    from busi_jax.models.blocks import max_pool2
+
+    for shape in ((2, 8, 8, 3), (1, 7, 9, 2)):  # Odd sizes drop the last row/column.
+        x = jax.random.normal(jax.random.key(0), shape)  # No ties (continuous values).
+
+        def ref(x):
+            return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+        np.testing.assert_array_equal(max_pool2(x), ref(x))
+        g = jax.random.normal(jax.random.key(1), ref(x).shape)
+        (got,) = jax.vjp(max_pool2, x)[1](g)
+        (want,) = jax.vjp(ref, x)[1](g)
+        np.testing.assert_allclose(got, want)
+    # Tied maxima share the gradient instead of one taking it all.
+    (tied,) = jax.vjp(max_pool2, jnp.ones((1, 2, 2, 1)))[1](jnp.ones((1, 1, 1, 1)))
+    np.testing.assert_allclose(tied, np.full((1, 2, 2, 1), 0.25))
