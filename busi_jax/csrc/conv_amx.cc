@@ -65,6 +65,26 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+// Two rows of 16 values (float32 or bf16) as AMX's pair-interleaved bf16:
+// [a0, b0, a1, b1, ..., a15, b15], one 64-byte vector.
+BUSI_AMX inline __m512i InterleaveRows(const void* a, const void* b, bool bf16) {
+  alignas(64) static const uint16_t kPairs[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                  21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                  11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  __m512i ab;
+  if (bf16) {
+    ab = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(a))),
+        _mm256_loadu_si256(static_cast<const __m256i*>(b)), 1);
+  } else {
+    // cvtne2ps packs its second operand first: [a0..a15, b0..b15].
+    __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(static_cast<const float*>(b)),
+                                     _mm512_loadu_ps(static_cast<const float*>(a)));
+    ab = reinterpret_cast<__m512i&>(v);
+  }
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kPairs), ab);
+}
+
 struct Geometry {
   int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
   int64_t M;  // pixels per tile (16 or 8); divides Wo
@@ -224,16 +244,11 @@ BUSI_AMX std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const G
     for (int64_t kc = 0; kc < nkc; ++kc)
       for (int64_t ob = 0; ob < nob; ++ob) {
         uint16_t* tile = out.data() + ((t * nkc + kc) * nob + ob) * g.K * 16;
-        for (int64_t kk = 0; kk < g.K; ++kk) {
-          const int64_t at = (t * g.C + kc * g.K + kk) * g.O + ob * 16;
-          alignas(32) uint16_t h[16];
-          if (bf16) {
-            std::memcpy(h, static_cast<const uint16_t*>(kernel) + at, sizeof(h));
-          } else {
-            __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(static_cast<const float*>(kernel) + at));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(h), reinterpret_cast<__m256i&>(v));
-          }
-          for (int n = 0; n < 16; ++n) tile[(kk / 2) * 32 + n * 2 + (kk % 2)] = h[n];
+        const int64_t es = bf16 ? 2 : 4;
+        for (int64_t kk = 0; kk < g.K; kk += 2) {
+          const char* row = static_cast<const char*>(kernel) +
+                            ((t * g.C + kc * g.K + kk) * g.O + ob * 16) * es;
+          _mm512_storeu_si512(tile + kk * 16, InterleaveRows(row, row + g.O * es, bf16));
         }
       }
   return out;
@@ -378,30 +393,12 @@ BUSI_AMX void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeome
 }
 
 BUSI_AMX void PairInterleavedBf16(const void* grad, uint16_t* dyv, const WgradGeometry& g) {
-  // cvtne2ps packs [a0..a15, b0..b15]; the permutation makes it [a0, b0, a1, b1, ...].
-  alignas(64) static const uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19,
-                                                       4,  20, 5,  21, 6,  22, 7,  23,
-                                                       8,  24, 9,  25, 10, 26, 11, 27,
-                                                       12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kInterleave);
+  const int64_t es = g.dy_bf16 ? 2 : 4;
   for (int64_t p = 0; p < g.Ho * g.Wo; p += 2) {
     uint16_t* dst = dyv + p * g.O;
-    if (g.dy_bf16) {
-      const uint16_t* a = static_cast<const uint16_t*>(grad) + p * g.O;
-      for (int64_t o = 0; o < g.O; o += 16) {
-        const __m512i ab = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + o))),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + g.O + o)), 1);
-        _mm512_storeu_si512(dst + 2 * o, _mm512_permutexvar_epi16(idx, ab));
-      }
-      continue;
-    }
-    const float* a = static_cast<const float*>(grad) + p * g.O;
-    for (int64_t o = 0; o < g.O; o += 16) {
-      __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + g.O + o), _mm512_loadu_ps(a + o));
-      _mm512_storeu_si512(dst + 2 * o,
-                          _mm512_permutexvar_epi16(idx, reinterpret_cast<__m512i&>(v)));
-    }
+    const char* a = static_cast<const char*>(grad) + p * g.O * es;
+    for (int64_t o = 0; o < g.O; o += 16)
+      _mm512_storeu_si512(dst + 2 * o, InterleaveRows(a + o * es, a + (g.O + o) * es, g.dy_bf16));
   }
 }
 
