@@ -1,5 +1,6 @@
 """The faster convolution kernels (busi_jax/models/conv.py) change speed, not results."""
 
+import functools
 import re
 
 import flax.linen as nn
@@ -76,6 +77,7 @@ def test_only_wide_coarse_layers_are_chunked():
     assert all(seen)
 
 
+@functools.cache  # The XLA reference curve serves several tests: compile it once.
 def _loss_curve(steps, **model_kwargs):
     """Losses of ``steps`` Adam steps of a segmenter fitting a thresholded-noise mask."""
     x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 1))
@@ -102,7 +104,7 @@ def _loss_curve(steps, **model_kwargs):
     for _ in range(steps):
         params, stats, opt, loss = step(params, stats, opt)
         curve.append(float(loss))
-    return curve
+    return tuple(curve)
 
 
 def test_loss_curve_unchanged_by_chunking():
