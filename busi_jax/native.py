@@ -80,9 +80,12 @@ def _build(name: str) -> Path:
         raise NativeBuildError(f"{source}: kernel source is missing from the installed package")
     cxx = _compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    # The kernels' shared headers are part of what gets compiled.
+    headers = [h.read_text() for h in sorted(SOURCE_DIR.glob("*.h"))]
     key = hashlib.sha256(
         "\0".join(
-            [source.read_text(), cxx, version, " ".join(FLAGS), jax.__version__, _cpu_flags()]
+            [source.read_text(), *headers, cxx, version, " ".join(FLAGS), jax.__version__]
+            + [_cpu_flags()]
         ).encode()
     ).hexdigest()[:16]
     # Named after the source: kernels sharing a source share one library.

@@ -33,6 +33,19 @@ def _bf16(a):
     return a.astype(jnp.bfloat16).astype(jnp.float32)
 
 
+def _exact_conv(x, w, pads, dilation):
+    """XLA's stride-1 NHWC conv, float32 products at full precision."""
+    return jax.lax.conv_general_dilated(
+        x,
+        w,
+        (1, 1),
+        pads,
+        rhs_dilation=(dilation,) * 2,
+        dimension_numbers=NHWC,
+        precision="highest",
+    )
+
+
 @pytest.mark.parametrize("chunks", [1, 2, 3, 4])
 def test_conv_gradients_match_xla(chunks):
     # Batch 8 with 3 chunks uses 2 (the largest divisor not above 3).
@@ -242,15 +255,7 @@ def test_amx_conv_is_xla_conv_of_bf16_inputs(shape, kernel, dilation, c_out, pad
     """The AMX kernel sums exact products of bf16-rounded inputs in float32."""
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], c_out))
-    ref = jax.lax.conv_general_dilated(
-        _bf16(x),
-        _bf16(w),
-        (1, 1),
-        pads,
-        rhs_dilation=(dilation,) * 2,
-        dimension_numbers=NHWC,
-        precision="highest",
-    )
+    ref = _exact_conv(_bf16(x), _bf16(w), pads, dilation)
     got = jax.jit(
         lambda x, w: amx_conv(x, w, (dilation,) * 2, (pads[0][0], pads[1][0]), ref.shape[1:3])
     )(x, w)
@@ -266,18 +271,7 @@ def test_amx_input_gradient_is_xla_vjp_of_bf16_inputs(dilation):
     dy = jax.random.normal(jax.random.key(2), (2, 16, 16, 16))
     pads = ((dilation, dilation),) * 2
 
-    def conv(x):
-        return jax.lax.conv_general_dilated(
-            x,
-            _bf16(w),
-            (1, 1),
-            pads,
-            rhs_dilation=(dilation,) * 2,
-            dimension_numbers=NHWC,
-            precision="highest",
-        )
-
-    (ref,) = jax.vjp(conv, x)[1](_bf16(dy))
+    (ref,) = jax.vjp(lambda x: _exact_conv(x, _bf16(w), pads, dilation), x)[1](_bf16(dy))
     got = jax.jit(lambda dy, w: amx_input_gradient(dy, w, (dilation,) * 2, pads, (16, 16)))(dy, w)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 

@@ -39,6 +39,7 @@
 #include <mutex>
 #include <vector>
 
+#include "image_sum.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -316,8 +317,12 @@ ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
   if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
   const std::vector<uint16_t> packed =
       PackKernel(k.untyped_data(), k.element_type() == ffi::DataType::BF16, g);
-  // At least two tasks per participant, so a batch of one still uses every core.
-  const int64_t participants = std::max<int64_t>(pool.num_threads(), 0) + 1;
+  // At least two tasks per participant, so a batch of one still uses every
+  // core; but a call of under ~16M multiply-adds (8-16 px layers at batch 1)
+  // finishes in tens of microseconds, about what waking a helper costs.
+  const int64_t macs = batch * g.Ho * g.Wo * g.O * g.C * g.KH * g.KW;
+  const int64_t participants =
+      macs < (int64_t{1} << 24) ? 1 : std::max<int64_t>(pool.num_threads(), 0) + 1;
   const int64_t want = std::max<int64_t>(1, (2 * participants + batch - 1) / batch);
   g.band = std::max<int64_t>(1, (g.Ho + want - 1) / want);
   work->bands_per_image = (g.Ho + g.band - 1) / g.band;
@@ -477,38 +482,6 @@ BUSI_AMX void WgradImage(const void* x, const void* dy, float* acc, const WgradG
   _tile_release();
 }
 
-struct WgradWork {
-  const void* x;
-  const void* dy;
-  WgradGeometry g;
-  int64_t batch, size;
-  std::atomic<int64_t> next{0};
-  std::atomic<int> slots{0};
-  std::vector<std::vector<float>> partial;
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;  // Guarded by mu.
-
-  void Run() {
-    int64_t b = next.fetch_add(1);
-    if (b >= batch) return;
-    std::vector<float>& acc = partial[slots.fetch_add(1)];
-    acc.assign(size, 0.0f);
-    std::vector<uint16_t> xt, dyv;
-    int64_t finished = 0;
-    for (; b < batch; b = next.fetch_add(1)) {
-      const int64_t xb = g.x_bf16 ? 2 : 4, yb = g.dy_bf16 ? 2 : 4;
-      WgradImage(static_cast<const char*>(x) + b * g.H * g.W * g.C * xb,
-                 static_cast<const char*>(dy) + b * g.Ho * g.Wo * g.O * yb, acc.data(), g, xt,
-                 dyv);
-      ++finished;
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == batch) cv.notify_all();
-  }
-};
-
 ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                         ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
                         int64_t pad_h, int64_t pad_w) {
@@ -531,38 +504,22 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
     return ffi::Error::Internal(
         "busi_conv_amx_wgrad: the kernel refused AMX tile state (arch_prctl); use "
         "model.wgrad='native'");
-  auto work = std::make_shared<WgradWork>();
-  WgradGeometry& g = work->g;
   const int64_t Wo = yd[2];
-  g = WgradGeometry{xd[1], xd[2], xd[3], yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
-                    pad_h, pad_w, Wo % 32 == 0 ? 32 : (Wo % 16 == 0 ? 16 : 8),
-                    yd[1] + (wd[0] - 1) * dil_h, Wo + (wd[1] - 1) * dil_w,
-                    x.element_type() == ffi::DataType::BF16,
-                    dy.element_type() == ffi::DataType::BF16};
-  work->x = x.untyped_data();
-  work->dy = dy.untyped_data();
-  work->batch = xd[0];
-  work->size = wd[0] * wd[1] * wd[2] * wd[3];
-  float* out = dw->typed_data();
-  if (work->batch == 0 || g.Ho == 0) {
-    std::fill(out, out + work->size, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t helpers =
-      std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 0), work->batch - 1);
-  work->partial.resize(helpers + 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  {
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done == work->batch; });
-  }
-  const int used = work->slots.load();
-  std::memcpy(out, work->partial[0].data(), work->size * sizeof(float));
-  for (int s = 1; s < used; ++s) {
-    const float* p = work->partial[s].data();
-    for (int64_t k = 0; k < work->size; ++k) out[k] += p[k];
-  }
+  const WgradGeometry g{xd[1], xd[2], xd[3], yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
+                        pad_h, pad_w, Wo % 32 == 0 ? 32 : (Wo % 16 == 0 ? 16 : 8),
+                        yd[1] + (wd[0] - 1) * dil_h, Wo + (wd[1] - 1) * dil_w,
+                        x.element_type() == ffi::DataType::BF16,
+                        dy.element_type() == ffi::DataType::BF16};
+  const char* xs = static_cast<const char*>(x.untyped_data());
+  const char* dys = static_cast<const char*>(dy.untyped_data());
+  const int64_t x_image = g.H * g.W * g.C * (g.x_bf16 ? 2 : 4);
+  const int64_t dy_image = g.Ho * g.Wo * g.O * (g.dy_bf16 ? 2 : 4);
+  // Captured by value: each participant gets its own scratch buffers.
+  std::vector<uint16_t> xt, dyv;
+  busi::SumOverImages(pool, xd[0], wd[0] * wd[1] * wd[2] * wd[3], dw->typed_data(),
+                      [=](int64_t b, float* acc) mutable {
+                        WgradImage(xs + b * x_image, dys + b * dy_image, acc, g, xt, dyv);
+                      });
   return ffi::Error::Success();
 }
 

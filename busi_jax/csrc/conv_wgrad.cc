@@ -10,8 +10,8 @@
 // dW lives in 16 vector registers while it sweeps about 128 pixels (one or more
 // image rows), so every FMA reads only x (broadcast) and dy (one vector load
 // shared by 16 FMAs) and the working set of one image stays in L2.
-// Images are handed out to XLA's intra-op thread pool one at a time; each
-// participant sums into its own buffer, added up at the end.
+// Images are spread over XLA's intra-op thread pool by SumOverImages
+// (image_sum.h).
 //
 // Built on first use by busi_jax/native.py (g++ -O3 -march=native) and called
 // through jax.ffi from busi_jax/models/conv.py.
@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "image_sum.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -131,43 +132,6 @@ void OneImage(const float* x, const float* dy, float* acc, const Geometry& g) {
   }
 }
 
-// Shared by the caller and the tasks it schedules; tasks that start after
-// every image is taken return at once, so the caller never waits on them.
-struct Work {
-  const float* x;
-  const float* dy;
-  Geometry g;
-  int64_t batch;
-  int64_t size;  // KH * KW * C * O
-  std::atomic<int64_t> next{0};
-  std::atomic<int> slots{0};
-  std::vector<std::vector<float>> partial;
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;  // Guarded by mu.
-
-  void Run() {
-    int64_t b = next.fetch_add(1);
-    if (b >= batch) return;
-    std::vector<float>& acc = partial[slots.fetch_add(1)];
-    acc.assign(size, 0.0f);
-    int64_t finished = 0;
-    for (; b < batch; b = next.fetch_add(1)) {
-      const float* xb = x + b * g.H * g.W * g.C;
-      const float* db = dy + b * g.Ho * g.Wo * g.O;
-      if (g.O % 16 == 0) {
-        OneImage<16>(xb, db, acc.data(), g);
-      } else {
-        OneImage<8>(xb, db, acc.data(), g);
-      }
-      ++finished;
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == batch) cv.notify_all();
-  }
-};
-
 ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                      ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w, int64_t pad_h,
                      int64_t pad_w) {
@@ -181,32 +145,20 @@ ffi::Error ConvWgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
         "busi_conv_wgrad: shapes disagree (x [B,H,W,C], dy [B,Ho,Wo,O], dW [KH,KW,C,O])");
   if (wd[3] % 8 != 0)
     return ffi::Error::InvalidArgument("busi_conv_wgrad: output channels must be a multiple of 8");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->dy = dy.typed_data();
-  work->g = Geometry{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
-                     wd[0], wd[1], dil_h, dil_w, pad_h, pad_w};
-  work->batch = xd[0];
-  work->size = wd[0] * wd[1] * wd[2] * wd[3];
-  float* out = dw->typed_data();
-  if (work->batch == 0) {
-    std::fill(out, out + work->size, 0.0f);
-    return ffi::Error::Success();
-  }
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 0), work->batch - 1);
-  work->partial.resize(helpers + 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  {
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done == work->batch; });
-  }
-  const int used = work->slots.load();
-  std::memcpy(out, work->partial[0].data(), work->size * sizeof(float));
-  for (int s = 1; s < used; ++s) {
-    const float* p = work->partial[s].data();
-    for (int64_t k = 0; k < work->size; ++k) out[k] += p[k];
-  }
+  const Geometry g{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
+                   wd[0], wd[1], dil_h, dil_w, pad_h, pad_w};
+  const float* xs = x.typed_data();
+  const float* dys = dy.typed_data();
+  busi::SumOverImages(pool, xd[0], wd[0] * wd[1] * wd[2] * wd[3], dw->typed_data(),
+                      [=](int64_t b, float* acc) {
+                        const float* xb = xs + b * g.H * g.W * g.C;
+                        const float* db = dys + b * g.Ho * g.Wo * g.O;
+                        if (g.O % 16 == 0) {
+                          OneImage<16>(xb, db, acc, g);
+                        } else {
+                          OneImage<8>(xb, db, acc, g);
+                        }
+                      });
   return ffi::Error::Success();
 }
 
