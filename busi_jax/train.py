@@ -636,6 +636,8 @@ def check_workdir(
 
 # Model options that change speed, not the function or the parameters: a run
 # may resume with other values (and runs saved before they existed lack them).
+# wgrad='native_amx' rounds conv inputs to bf16, like model.dtype='bfloat16'
+# would, but the parameters and what they compute stay the same model.
 SPEED_ONLY_MODEL_OPTIONS = ("wgrad", "wgrad_chunks")
 
 
