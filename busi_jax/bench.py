@@ -5,7 +5,8 @@ Usage::
     python -m busi_jax.bench --quick --output=bench.json
     python -m busi_jax.bench --models=unetpp,unet,sunet --widths=8,16 --batch=16 --steps=6
 
-``--quick`` times the width-16 U-Net++ only (JAX fp32, PyTorch fp32 channels_last
+``--quick`` times the width-16 U-Net++ only (JAX fp32 with XLA's kernels, the C++
+weight gradient and, on AMX CPUs, the AMX kernels; PyTorch fp32 channels_last
 and PyTorch bf16), with 3 timed steps unless ``--steps`` says otherwise, to stay
 within 5 minutes on 2 free cores (a step is about 175 GFLOP); the full run covers
 U-Net, U-Net++ and SUNet at widths 8 and 16, JAX in fp32 and bf16 and PyTorch in
@@ -34,8 +35,8 @@ How each number is measured:
   framework it times, so this is that configuration's own peak.
 * ``gflop_per_step``: XLA's count for the compiled JAX train step
   (``cost_analysis()['flops']``: forward, backward, augmentation and Adam;
-  for ``nhwc/native`` rows, that of the same step with XLA's weight gradient,
-  since XLA cannot see inside the C++ kernel).
+  for ``nhwc/native`` and ``nhwc/native_amx`` rows, that of the same step
+  with XLA's kernels, since XLA cannot see inside the C++ ones).
   PyTorch rows reuse the JAX fp32 count of the same architecture: the networks
   are identical (their parameter counts are asserted equal).
 * ``fraction_of_peak``: achieved GFLOP/s (``gflop_per_step`` / median step
@@ -43,10 +44,13 @@ How each number is measured:
   same run as the best GFLOP/s of square ``--matmul_n`` products with
   ``jnp.dot`` and, when PyTorch is there, ``torch.mm`` (the higher of the two is
   the machine's peak: on CPUs with AMX, oneDNN's bf16 kernels are far faster
-  than XLA's). Both frameworks' peaks are in the header.
+  than XLA's). Both frameworks' peaks are in the header. ``native_amx`` rows
+  multiply in bf16 and are measured against the bf16 peak.
 
 Output: a table on stdout, the PyTorch/JAX parameter counts, the ratios JAX fp32
-/ PyTorch fp32 channels_last and best JAX / PyTorch bf16 per network, and with
+(float32 products: AMX rows excluded) / PyTorch fp32 channels_last, best JAX
+(any row) / PyTorch fp32 channels_last and best JAX / PyTorch bf16 per
+network, and with
 ``--output`` a JSON file ``{"header": {...}, "rows": [...]}`` whose rows have the
 fields of :data:`ROW_FIELDS`.
 """
