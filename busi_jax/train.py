@@ -304,8 +304,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         try:
             native.load("conv_wgrad")
             if wgrad == "native_amx":
-                native.load("conv_amx")
                 native.load("conv_amx_wgrad")
+                conv.amx_selftest()
         except native.NativeBuildError as e:
             raise ConfigError(f"config.model.wgrad={wgrad!r}: {e}") from None
 

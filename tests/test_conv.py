@@ -362,3 +362,11 @@ def test_amx_with_bfloat16_activations_tracks_float32():
     amx = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="native_amx", dtype="bfloat16")
     assert amx[-1] < amx[0]
     np.testing.assert_allclose(amx, xla, rtol=2e-2)
+
+
+@needs_amx
+def test_amx_selftest_passes_here():
+    """The config check's probe runs the kernel on this machine (and would name the failure)."""
+    from busi_jax.models.conv import amx_selftest
+
+    amx_selftest()

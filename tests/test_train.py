@@ -80,6 +80,20 @@ def test_native_amx_without_amx_is_a_config_error(tiny_config, tmp_path, monkeyp
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_native_amx_refused_by_the_os_is_a_config_error(tiny_config, tmp_path, monkeypatch):
+    from busi_jax.models import conv
+
+    def refused(*args):
+        raise RuntimeError("busi_conv_amx: the kernel refused AMX tile state (arch_prctl)")
+
+    monkeypatch.setattr(conv, "amx_available", lambda: True)
+    monkeypatch.setattr(conv, "amx_conv", refused)
+    tiny_config.model.wgrad = "native_amx"
+    with pytest.raises(train.ConfigError, match="cannot run on this machine: .*arch_prctl"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_native_wgrad_without_compiler_is_a_config_error(tiny_config, tmp_path, monkeypatch):
     from busi_jax import native
 

@@ -311,6 +311,28 @@ def amx_available() -> bool:
     return False
 
 
+def amx_selftest() -> None:
+    """Runs one tiny AMX convolution and checks its answer.
+
+    ``/proc/cpuinfo`` can list AMX on a machine whose kernel still refuses
+    the tile state (an old Linux, some sandboxes); this finds out before a
+    training run, not inside its first step.
+
+    Raises:
+      native.NativeBuildError: the kernel cannot be built or run here, or
+        computes a wrong sum.
+    """
+    try:
+        y = amx_conv(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16)), (1, 1), (1, 1), (8, 8))
+        centre = float(y[0, 4, 4, 0])
+    except native.NativeBuildError:
+        raise
+    except Exception as e:  # XLA wraps the kernel's own error message.
+        raise native.NativeBuildError(f"the AMX kernel cannot run on this machine: {e}") from None
+    if centre != 144.0:  # 3 x 3 taps x 16 channels of ones.
+        raise native.NativeBuildError(f"the AMX kernel's self-test summed {centre}, not 144")
+
+
 def _amx_rule(lhs, rhs, kwargs) -> tuple | None:
     rule = _native_rule(lhs, rhs, kwargs)
     if rule is None or not amx_available():
