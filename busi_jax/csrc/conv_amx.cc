@@ -18,7 +18,8 @@
 // K channels (M = 16 or 8, K = 32 or 16). The kernel is packed once per call
 // into AMX's pair-interleaved ("VNNI") layout, 16 output channels per tile.
 // Up to four accumulator tiles (pixel runs x output-channel blocks) collect
-// all taps and channels before one store into y.
+// all taps and channels before one store into y. The weight gradient, the
+// third pass, is the second handler in this file (BusiConvAmxWgrad).
 //
 // Requires C and O multiples of 16 and Wo a multiple of 8 (the Python side
 // checks; other convolutions stay on XLA). Built on first use by
