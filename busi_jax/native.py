@@ -62,8 +62,10 @@ def _compiler() -> str:
     )
 
 
-def _cpu_flags() -> str:
-    # -march=native output is only valid on a CPU with the same features.
+def cpu_flags() -> str:
+    """The CPU's ``flags`` line from ``/proc/cpuinfo`` (else its machine name)."""
+    # Part of the build key: -march=native output is only valid on a CPU with
+    # the same features.
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -85,7 +87,7 @@ def _build(name: str) -> Path:
     key = hashlib.sha256(
         "\0".join(
             [source.read_text(), *headers, cxx, version, " ".join(FLAGS), jax.__version__]
-            + [_cpu_flags()]
+            + [cpu_flags()]
         ).encode()
     ).hexdigest()[:16]
     # Named after the source: kernels sharing a source share one library.

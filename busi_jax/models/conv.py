@@ -194,7 +194,8 @@ def native_weight_gradient(
       ``[KH, KW, C, O]`` float32: ``sum_{b,h,w} x[b, h + i*dh - lo_h, w + j*dw - lo_w, c]
       * dy[b, h, w, o]`` with ``x`` zero outside the image.
     """
-    return _wgrad_call("conv_wgrad", x, dy, kernel_shape, dilation, pads)
+    f32 = jnp.float32
+    return _wgrad_call("conv_wgrad", x.astype(f32), dy.astype(f32), kernel_shape, dilation, pads)
 
 
 def amx_weight_gradient(
@@ -217,8 +218,6 @@ def _amx_io(a: jax.Array) -> jax.Array:
 def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads) -> jax.Array:
     target = native.load(kernel)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
-    if kernel == "conv_wgrad":  # float32 only
-        x, dy = x.astype(jnp.float32), dy.astype(jnp.float32)
     return call(
         x,
         dy,
@@ -300,15 +299,7 @@ AMX_WIDTH = 8  # Input and output widths must be multiples of this (tile rows).
 @functools.cache
 def amx_available() -> bool:
     """Whether this CPU reports AMX bf16 tiles (Linux ``/proc/cpuinfo``)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split())
-                    return {"amx_tile", "amx_bf16"} <= flags
-    except OSError:
-        pass
-    return False
+    return {"amx_tile", "amx_bf16"} <= set(native.cpu_flags().split())
 
 
 def amx_selftest() -> None:
