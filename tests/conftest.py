@@ -1,13 +1,29 @@
 """Shared fixtures: a tiny synthetic dataset built once per test session."""
 
+import atexit
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `configs` is imported as a package by the tests.
     sys.path.insert(0, str(ROOT))
+
+# Most tests train the same tiny models, each call tracing a fresh closure, so
+# XLA compiled identical programs again and again (about a third of the
+# suite's time on 2 cores). A compilation cache shared by this session and the
+# launch.py subprocesses it starts (they inherit the environment) compiles
+# each program once. It lives in a temporary folder removed at exit, so runs
+# never see each other's entries; a cache the caller set up is left alone.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="busi_jax_test_xla_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 @pytest.fixture(scope="session")
