@@ -35,6 +35,7 @@ KERNELS = {
     "conv_wgrad": ("conv_wgrad.cc", "BusiConvWgrad", "busi_conv_wgrad"),
     "conv_amx": ("conv_amx.cc", "BusiConvAmx", "busi_conv_amx"),
     "conv_amx_wgrad": ("conv_amx.cc", "BusiConvAmxWgrad", "busi_conv_amx_wgrad"),
+    "conv_amx_affine_relu": ("conv_amx.cc", "BusiConvAmxAffineRelu", "busi_conv_amx_affine_relu"),
 }
 
 

@@ -370,3 +370,54 @@ def test_amx_selftest_passes_here():
     from busi_jax.models.conv import amx_selftest
 
     amx_selftest()
+
+
+@needs_amx
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_amx_affine_relu_epilogue_is_applied_to_the_float32_sums(out_dtype):
+    """scale/shift + ReLU in the store: relu(conv * scale + shift), one rounding at the end."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 32, 48))
+    scale = jax.random.normal(jax.random.key(2), (48,))
+    shift = jax.random.normal(jax.random.key(3), (48,))
+    ref = jnp.maximum(_exact_conv(_bf16(x), _bf16(w), ((1, 1), (1, 1)), 1) * scale + shift, 0)
+    got = amx_conv(x, w, (1, 1), (1, 1), (16, 16), scale=scale, shift=shift, out_dtype=out_dtype)
+    assert got.dtype == out_dtype
+    assert float(jnp.mean(got == 0)) > 0.3  # The ReLU did clip.
+    tol = 1e-5 if out_dtype == jnp.float32 else 8e-3
+    np.testing.assert_allclose(np.asarray(got, np.float32), ref, rtol=tol, atol=tol * 10)
+    plain = amx_conv(x, w, (1, 1), (1, 1), (16, 16))
+    np.testing.assert_allclose(
+        plain, _exact_conv(_bf16(x), _bf16(w), ((1, 1), (1, 1)), 1), rtol=1e-5, atol=1e-4
+    )  # The plain call is untouched.
+
+
+@needs_amx
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch):
+    """train=False: conv + running-average BatchNorm + ReLU as one AMX call, same result."""
+    block = blocks.ConvBlock(features=32, wgrad="native_amx", dtype=dtype)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
+    v = block.init(jax.random.key(1), x, train=False)
+    # Running statistics and affine parameters away from their initial 0/1.
+    v = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
+    apply = lambda v, x: block.apply(v, x, train=False)  # noqa: E731
+    calls = re.findall(r"busi_conv_amx\w*", jax.jit(apply).lower(v, x).as_text())
+    assert calls == ["busi_conv_amx_affine_relu"] * 2
+    fused = jax.jit(apply)(v, x)
+    monkeypatch.setattr(blocks.ConvBlock, "_folds_norm", lambda self, x, train: False)
+    plain = jax.jit(apply)(v, x)
+    assert fused.dtype == plain.dtype == jnp.dtype(dtype)
+    # float32: the same sums, only the BatchNorm's arithmetic reordered;
+    # bfloat16: the unfolded path rounds the conv output once more.
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(
+        np.asarray(fused, np.float32), np.asarray(plain, np.float32), rtol=tol, atol=tol
+    )
+    # Training mode keeps batch statistics: nothing is folded.
+    train_text = (
+        jax.jit(lambda v, x: block.apply(v, x, train=True, mutable=["batch_stats"]))
+        .lower(v, x)
+        .as_text()
+    )
+    assert "busi_conv_amx_affine_relu" not in train_text

@@ -93,26 +93,48 @@ struct Geometry {
   int64_t K;  // channels per tile (32 or 16); divides C
   int64_t band;  // output rows per task
   bool x_bf16, y_bf16;  // element types of x and y (else float32)
+  // Optional epilogue y = max(0, conv * scale[o] + shift[o]): an eval-mode
+  // BatchNorm and ReLU folded into the store (BusiConvAmxAffineRelu).
+  const float* scale = nullptr;
+  const float* shift = nullptr;
 };
 
 // Tiles: accumulators 0-3, inputs 4 and 7 (alternating), kernel 5 and 6.
 // Accumulator of pixel run p and output block q: p * NO + q.
 // Accumulator tile -> y at (pixel w0, output channel o0): a direct store for
-// float32 y; for bf16 y through a float32 scratch tile, rounded row by row.
+// float32 y without epilogue; otherwise through a float32 scratch tile,
+// row by row (epilogue, then rounding for bf16 y).
 #define BUSI_STORE_TILE(t, w0, o0)                                                   \
   do {                                                                              \
-    if (g.y_bf16) {                                                                 \
-      _tile_stored(t, scratch, 64);                                                 \
-      uint16_t* dst = static_cast<uint16_t*>(yrow) + (w0) * g.O + (o0);             \
-      for (int64_t m = 0; m < g.M; ++m) {                                           \
-        __m256bh v = _mm512_cvtneps_pbh(_mm512_load_ps(scratch + m * 16));          \
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + m * g.O),              \
-                            reinterpret_cast<__m256i&>(v));                         \
-      }                                                                             \
-    } else {                                                                        \
+    if (!g.y_bf16 && g.scale == nullptr) {                                          \
       _tile_stored(t, static_cast<float*>(yrow) + (w0) * g.O + (o0), g.O * 4);      \
+      break;                                                                        \
     }                                                                               \
+    _tile_stored(t, scratch, 64);                                                   \
+    StoreRows(scratch, yrow, g, w0, o0);                                            \
   } while (0)
+
+// M rows of 16 float32 sums in scratch -> y row pixels w0.., channels o0..o0+15.
+BUSI_AMX inline void StoreRows(const float* scratch, void* yrow, const Geometry& g, int64_t w0,
+                               int64_t o0) {
+  __m512 scale = _mm512_set1_ps(1.0f), shift = _mm512_setzero_ps();
+  if (g.scale != nullptr) {
+    scale = _mm512_loadu_ps(g.scale + o0);
+    shift = _mm512_loadu_ps(g.shift + o0);
+  }
+  for (int64_t m = 0; m < g.M; ++m) {
+    __m512 v = _mm512_load_ps(scratch + m * 16);
+    if (g.scale != nullptr) v = _mm512_max_ps(_mm512_fmadd_ps(v, scale, shift), _mm512_setzero_ps());
+    if (g.y_bf16) {
+      __m256bh b = _mm512_cvtneps_pbh(v);
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + (w0 + m) * g.O + o0),
+          reinterpret_cast<__m256i&>(b));
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(yrow) + (w0 + m) * g.O + o0, v);
+    }
+  }
+}
 
 template <int NP, int NO>
 BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, void* yrow,
@@ -287,9 +309,10 @@ bool F32OrBf16(const ffi::AnyBuffer& b) {
   return b.element_type() == ffi::DataType::F32 || b.element_type() == ffi::DataType::BF16;
 }
 
-ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
-                   ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                   int64_t pad_w) {
+// The forward pass; scale and shift (float32 [O]) may be null: no epilogue.
+ffi::Error ConvAmxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
+                       const float* scale, const float* shift, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w) {
   if (!F32OrBf16(x) || !F32OrBf16(k) || !F32OrBf16(*y))
     return ffi::Error::InvalidArgument("busi_conv_amx: x, kernel and y must be float32 or bf16");
   auto xd = x.dimensions();
@@ -313,6 +336,8 @@ ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
   g = Geometry{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
                pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, xd[3] % 32 == 0 ? 32 : 16, 1,
                x.element_type() == ffi::DataType::BF16, y->element_type() == ffi::DataType::BF16};
+  g.scale = scale;
+  g.shift = shift;
   const int64_t batch = xd[0];
   void* out = y->untyped_data();
   if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
@@ -526,12 +551,43 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
 
 }  // namespace
 
+ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
+                   int64_t pad_w) {
+  return ConvAmxImpl(pool, x, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w);
+}
+
+ffi::Error ConvAmxAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
+                             ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                             ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
+                             int64_t pad_h, int64_t pad_w) {
+  const auto o = k.dimensions().size() == 4 ? k.dimensions()[3] : -1;
+  if (scale.element_count() != o || shift.element_count() != o)
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_affine_relu: scale and shift must hold one value per output channel");
+  return ConvAmxImpl(pool, x, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w, pad_h,
+                     pad_w);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // x: float32 or bf16
                                   .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
                                   .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
+                                  .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
+                                  .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")
                                   .Attr<int64_t>("pad_h")

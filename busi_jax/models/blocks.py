@@ -21,7 +21,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from busi_jax.models.conv import amx_conv_general_dilated, chunked_conv, native_wgrad_conv
+from busi_jax.models.conv import (
+    AMX_CHANNELS,
+    AMX_WIDTH,
+    amx_available,
+    amx_conv,
+    amx_conv_general_dilated,
+    chunked_conv,
+    native_wgrad_conv,
+)
 
 Dtype = Any
 
@@ -279,6 +287,9 @@ class ConvBlock(nn.Module):
         if self.features < WGRAD_MIN_FEATURES or x.shape[1] * x.shape[2] > WGRAD_MAX_PIXELS:
             chunks = 1
         for i in range(2):
+            if self._folds_norm(x, train):
+                x = self._amx_conv_norm_relu(x, i)
+                continue
             x = conv(
                 self.features,
                 3,
@@ -293,6 +304,34 @@ class ConvBlock(nn.Module):
             )
             x = nn.relu(x)
         return recalibrate(self.se, x, reduction=self.se_reduction, dtype=self.dtype, name="se")
+
+    def _folds_norm(self, x: jax.Array, train: bool) -> bool:
+        # Inference with the AMX kernels: the running-average BatchNorm is an
+        # affine map, so it and the ReLU run in the convolution's store
+        # instead of as a separate pass over the activations (at batch 1
+        # those passes cost about as much as the convolutions' own stores).
+        return (
+            not train
+            and self.wgrad == "native_amx"
+            and self.norm == "batch"
+            and not self.is_initializing()
+            and x.shape[-1] % AMX_CHANNELS == 0
+            and self.features % AMX_CHANNELS == 0
+            and x.shape[2] % AMX_WIDTH == 0
+            and jax.default_backend() == "cpu"
+            and amx_available()
+        )
+
+    def _amx_conv_norm_relu(self, x: jax.Array, i: int) -> jax.Array:
+        """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables."""
+        kernel = self.variables["params"][f"conv{i}"]["kernel"]
+        bn = self.variables["params"][f"norm{i}"]
+        stats = self.variables["batch_stats"][f"norm{i}"]
+        scale = bn["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
+        shift = bn["bias"] - stats["mean"] * scale
+        return amx_conv(
+            x, kernel, (1, 1), (1, 1), x.shape[1:3], scale=scale, shift=shift, out_dtype=self.dtype
+        )
 
 
 class DilatedBottleneck(nn.Module):

@@ -236,7 +236,15 @@ def _out_hw(in_hw, kernel_hw, dilation, pads) -> tuple[int, int]:
 
 
 def amx_conv(
-    x: jax.Array, kernel: jax.Array, dilation, pad_lo, out_hw: tuple[int, int]
+    x: jax.Array,
+    kernel: jax.Array,
+    dilation,
+    pad_lo,
+    out_hw: tuple[int, int],
+    *,
+    scale: jax.Array | None = None,
+    shift: jax.Array | None = None,
+    out_dtype=None,
 ) -> jax.Array:
     """A stride-1 NHWC/HWIO convolution on AMX tiles (``busi_jax/csrc/conv_amx.cc``).
 
@@ -251,19 +259,29 @@ def amx_conv(
       pad_lo: ``(top, left)`` zero padding (>= 0); the far side's padding
         follows from ``out_hw``.
       out_hw: ``(Ho, Wo)``, ``Wo`` a multiple of 8.
+      scale, shift: optional ``[O]``: the output becomes ``max(0, conv * scale
+        + shift)``, applied to the float32 sums before the one rounding to the
+        output dtype (an eval-mode BatchNorm and ReLU in the store: no extra
+        pass over the activations). Forward only: no gradient is defined.
+      out_dtype: float32 or bfloat16; default bfloat16 if ``x`` and ``kernel``
+        both are, else float32.
 
     Returns:
-      ``[B, Ho, Wo, O]``: bfloat16 if ``x`` and ``kernel`` both are, else float32.
+      ``[B, Ho, Wo, O]`` of ``out_dtype``.
     """
-    target = native.load("conv_amx")
     x, kernel = _amx_io(x), _amx_io(kernel)
     shape = (x.shape[0], *out_hw, kernel.shape[3])
-    both_bf16 = x.dtype == kernel.dtype == jnp.bfloat16
-    out_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, out_dtype))
+    if out_dtype is None:
+        both_bf16 = x.dtype == kernel.dtype == jnp.bfloat16
+        out_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
+    args = [x, kernel]
+    name = "conv_amx"
+    if scale is not None:
+        name = "conv_amx_affine_relu"
+        args += [scale.astype(jnp.float32), shift.astype(jnp.float32)]
+    call = jax.ffi.ffi_call(native.load(name), jax.ShapeDtypeStruct(shape, out_dtype))
     return call(
-        x,
-        kernel,
+        *args,
         dil_h=int(dilation[0]),
         dil_w=int(dilation[1]),
         pad_h=int(pad_lo[0]),
