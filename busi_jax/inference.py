@@ -27,17 +27,38 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def load_model(workdir: str | pathlib.Path):
+KERNELS = ("xla", "native_amx")
+
+
+def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     """Restores the best checkpoint of a training workdir.
+
+    Args:
+        workdir: a training workdir.
+        kernels: 'xla' (default: float32 convolutions, differentiable, so
+            Grad-CAM works, and no C++ compiler needed) or 'native_amx' (the
+            3x3 convolutions on AMX tiles in bf16 with eval-mode BatchNorm and
+            ReLU folded in: the fastest CPU forward pass, no gradients; needs
+            an AMX CPU and a C++ compiler; see busi_jax.models.conv). The
+            checkpoint is the same either way.
 
     Returns:
         ``(config, model, variables)``.
+
+    Raises:
+        ValueError: unknown ``kernels``.
+        busi_jax.native.NativeBuildError: 'native_amx' where it cannot run.
     """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r} is not valid; choose one of {KERNELS}")
     config = load_config(workdir)
     model_config = config.model.to_dict()
-    if "wgrad" in model_config:
-        # A training-speed option: evaluation and Grad-CAM need no C++ kernel.
-        model_config["wgrad"] = "xla"
+    if kernels == "native_amx":
+        _check_amx()
+    if "wgrad" in model_config or kernels != "xla":
+        # A training-speed option, not part of the model: whatever the run
+        # trained with, inference uses the kernels asked for here.
+        model_config["wgrad"] = kernels
     model = models_lib.create_model(model_config)
     size = int(config.data.image_size)
     channels = 1
@@ -57,15 +78,26 @@ def load_model(workdir: str | pathlib.Path):
     return config, model, variables
 
 
+def _check_amx() -> None:
+    from busi_jax import native
+    from busi_jax.models import conv
+
+    if not conv.amx_available():
+        raise native.NativeBuildError(
+            "kernels='native_amx' needs a CPU with AMX bf16 tiles; use kernels='xla'"
+        )
+    conv.amx_selftest()
+
+
 def mask_predictor(
-    workdir: str | pathlib.Path, batch_size: int = 32
+    workdir: str | pathlib.Path, batch_size: int = 32, kernels: str = "xla"
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A function ``images [N, S, S, 1] uint8 -> masks [N, S, S, 1] uint8 {0, 1}``.
 
     Uses the segmenter's (or multitask net's) best checkpoint and its training
-    threshold.
+    threshold; ``kernels`` as in :func:`load_model`.
     """
-    config, model, variables = load_model(workdir)
+    config, model, variables = load_model(workdir, kernels)
     threshold = float(config.get("threshold", 0.5))
 
     @jax.jit

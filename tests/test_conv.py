@@ -421,3 +421,25 @@ def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch
         .as_text()
     )
     assert "busi_conv_amx_affine_relu" not in train_text
+
+
+def test_load_model_refuses_unknown_kernels(tiny_pipeline):
+    from busi_jax import inference
+
+    _, workdir, _ = tiny_pipeline
+    with pytest.raises(ValueError, match="kernels='fast' is not valid"):
+        inference.load_model(workdir / "segmenter", kernels="fast")
+
+
+@needs_amx
+def test_mask_predictor_on_amx_kernels_agrees_with_xla(tiny_pipeline, tiny_data_dir):
+    """Same checkpoint, other kernels: the masks agree up to bf16 rounding at the threshold."""
+    from busi_jax import data, inference
+
+    config, workdir, _ = tiny_pipeline
+    _, model, _ = inference.load_model(workdir / "segmenter", kernels="native_amx")
+    assert model.wgrad == "native_amx"
+    images = data.load_split(config.segmenter.data, "validation")["image"]
+    xla = inference.mask_predictor(workdir / "segmenter")(images)
+    amx = inference.mask_predictor(workdir / "segmenter", kernels="native_amx")(images)
+    assert amx.shape == xla.shape and np.mean(amx != xla) < 0.01
