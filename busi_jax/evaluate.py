@@ -80,7 +80,10 @@ def resolve(workdir: str | os.PathLike[str]) -> dict[str, pathlib.Path | None]:
         out["multitask"] = workdir
     elif config.task == "classification":
         out["classifier"] = workdir
-        if config.classifier.mask_source == "predicted":
+        if "predicted" in (
+            config.classifier.mask_source,
+            config.classifier.get("val_mask_source", "same"),
+        ):
             out["segmenter"] = pathlib.Path(config.classifier.segmenter_workdir)
     return out
 

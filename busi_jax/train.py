@@ -289,6 +289,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "and augment.mask_level_range perturb the mask, which only a classifier takes as"
         " input: keep them at 0 and (0.5, 0.5) for segmentation and multitask",
     )
+    if config.task == "classification":
+        need(
+            config.classifier.get("val_mask_source", "same") in ("same", "predicted"),
+            "classifier.val_mask_source",
+            "must be 'same' or 'predicted'",
+        )
     wgrad = config.model.get("wgrad", "xla")
     if wgrad in ("native", "native_amx"):
         # Build the C++ kernels now: a missing compiler is then one clear error
@@ -460,6 +466,7 @@ def prepare_arrays(
     config: ml_collections.ConfigDict,
     split: str,
     predicted_masks: Callable[[np.ndarray], np.ndarray] | None = None,
+    mask_source: str | None = None,
 ) -> dict:
     """Loads a split and shapes it for ``config.task``.
 
@@ -468,6 +475,7 @@ def prepare_arrays(
         split: TFDS split name.
         predicted_masks: for classification with predicted masks, ``images
             [N, H, W, 1] uint8 -> masks [N, H, W, 1] uint8``.
+        mask_source: overrides ``config.classifier.mask_source`` for this split.
 
     Returns:
         Host arrays with at least ``image``, ``mask``, ``label``, ``file_name``.
@@ -475,17 +483,18 @@ def prepare_arrays(
     arrays = data_lib.load_split(config.data, split)
     if config.task == "classification":
         arrays = _classification_view(arrays, config.model.get("num_classes", 1))
-        if config.classifier.mask_source == "predicted":
+        mask_source = mask_source or config.classifier.mask_source
+        if mask_source == "predicted":
             if predicted_masks is None:
                 raise ConfigError(
                     "config.classifier.mask_source='predicted' needs"
                     " config.classifier.segmenter_workdir (a trained segmenter's workdir)"
                 )
             arrays["mask"] = predicted_masks(arrays["image"])
-        elif config.classifier.mask_source != "ground_truth":
+        elif mask_source != "ground_truth":
             raise ConfigError(
                 f"config.classifier.mask_source must be 'predicted' or 'ground_truth',"
-                f" got {config.classifier.mask_source!r}"
+                f" got {mask_source!r}"
             )
     elif config.task == "multitask":
         arrays = _multitask_view(arrays)
@@ -645,6 +654,9 @@ def _identity(cfg: dict, field: str):
     value = cfg.get(field)
     if field == "model" and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in SPEED_ONLY_MODEL_OPTIONS}
+    if field == "classifier" and isinstance(value, dict) and value.get("val_mask_source") == "same":
+        # Runs saved before the option existed used their training masks.
+        value = {k: v for k, v in value.items() if k != "val_mask_source"}
     return value
 
 
@@ -672,9 +684,13 @@ def train_and_evaluate(
     """
     validate_config(config)
     task = make_task(config, model, loss_fn)
+    val_source = None
+    if config.task == "classification":
+        val_source = config.classifier.get("val_mask_source", "same")
+        val_source = None if val_source == "same" else val_source
     if (
         config.task == "classification"
-        and config.classifier.mask_source == "predicted"
+        and "predicted" in (config.classifier.mask_source, val_source)
         and predicted_masks is None
     ):
         if not config.classifier.segmenter_workdir:
@@ -687,7 +703,7 @@ def train_and_evaluate(
         predicted_masks = inference.mask_predictor(config.classifier.segmenter_workdir)
 
     train = prepare_arrays(config, config.data.train_split, predicted_masks)
-    val = prepare_arrays(config, config.data.eval_split, predicted_masks)
+    val = prepare_arrays(config, config.data.eval_split, predicted_masks, val_source)
     n_train = len(train["image"])
     if n_train < config.batch_size:
         raise ConfigError(

@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.norm = "batch"  # 'batch' | 'group' | 'none'.
     config.model.upsample = "transpose"  # 'transpose' or 'bilinear'/'nearest' resize + conv.
     config.model.dtype = "float32"  # Compute dtype ('bfloat16' keeps float32 parameters).
-    config.model.wgrad = "xla"  # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_amx' (+AMX bf16).
+    config.model.wgrad = (
+        "xla"  # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_amx' (+AMX bf16).
+    )
 
     config.loss = "dice"  # 'dice' (paper) | 'dice_bce' | 'bce'.
     config.bce_weight = 0.5  # BCE weight in 'dice_bce'.
@@ -79,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.classifier.segmenter_workdir = ml_collections.config_dict.placeholder(
         str
     )  # Trained segmenter for predicted masks.
+    # 'same' (validation masks as mask_source) | 'predicted': the checkpoint is
+    # chosen on the segmenter's validation masks, the masks it is deployed with.
+    config.classifier.val_mask_source = "same"
 
     config.log_every_steps = 10  # TensorBoard training-loss interval.
     config.progress = True  # Progress bar on stderr.

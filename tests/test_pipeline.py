@@ -36,3 +36,32 @@ def test_pipeline_trains_classifier_on_predicted_masks(tiny_pipeline, tmp_path):
     assert again["segmenter"] == out["segmenter"]
     assert again["classifier"] == out["classifier"]
     assert not (tmp_path / "reuse" / "segmenter").exists()
+
+
+def test_classifier_on_truth_masks_chooses_checkpoint_on_predicted_masks(tiny_pipeline, tmp_path):
+    """val_mask_source='predicted': training reads true masks, validation the segmenter's."""
+    import pytest
+
+    from busi_jax import evaluate
+
+    config, workdir, _ = tiny_pipeline
+    cls = ml_collections.ConfigDict(config.classifier_stage.to_dict())
+    cls.classifier.mask_source = "ground_truth"
+    cls.classifier.val_mask_source = "predicted"
+    cls.classifier.segmenter_workdir = str(workdir / "segmenter")
+    seen = []
+
+    def spy(images):
+        seen.append(len(images))
+        return inference.mask_predictor(workdir / "segmenter")(images)
+
+    train.train_and_evaluate(cls, tmp_path / "cls", predicted_masks=spy)
+    val = data.load_split(cls.data, "validation")
+    assert seen == [int(np.sum(val["label"] > 0))]  # Validation only, once.
+    # Evaluation pairs the run with the segmenter it was selected on.
+    parts = evaluate.resolve(tmp_path / "cls")
+    assert parts["segmenter"] == workdir / "segmenter"
+
+    cls.classifier.val_mask_source = "truth"
+    with pytest.raises(train.ConfigError, match="val_mask_source='truth': must be"):
+        train.train_and_evaluate(cls, tmp_path / "bad")
