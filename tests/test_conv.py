@@ -443,3 +443,28 @@ def test_mask_predictor_on_amx_kernels_agrees_with_xla(tiny_pipeline, tiny_data_
     xla = inference.mask_predictor(workdir / "segmenter")(images)
     amx = inference.mask_predictor(workdir / "segmenter", kernels="native_amx")(images)
     assert amx.shape == xla.shape and np.mean(amx != xla) < 0.01
+
+
+@needs_amx
+def test_amx_deconv_is_the_matmul_of_bf16_inputs_with_its_gradients():
+    """Deconv2x2(wgrad='native_amx'): the same function and gradients on AMX, bf16 products."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+    amx = blocks.Deconv2x2(16, wgrad="native_amx")
+    ref = blocks.Deconv2x2(16)
+    v = ref.init(jax.random.key(1), x)
+    v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    assert "busi_conv_amx" in jax.jit(amx.apply).lower(v, x).as_text()
+    vb = {"params": {**v["params"], "kernel": _bf16(v["params"]["kernel"])}}  # Bias unrounded.
+    np.testing.assert_allclose(amx.apply(v, x), ref.apply(vb, _bf16(x)), rtol=1e-5, atol=1e-5)
+    g_amx = jax.grad(loss(amx), argnums=(0, 1))(v, x)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1))(v, x)
+    for a, b in zip(jax.tree.leaves(g_amx), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * float(jnp.max(jnp.abs(b))))
+    # Shapes AMX cannot tile keep the matmul.
+    x8 = jax.random.normal(jax.random.key(3), (2, 8, 8, 8))
+    v8 = ref.init(jax.random.key(1), x8)
+    assert "busi_conv_amx" not in jax.jit(amx.apply).lower(v8, x8).as_text()

@@ -465,14 +465,20 @@ class Deconv2x2(nn.Module):
     Attributes:
       features: output channels ``C``.
       dtype: compute dtype (parameters stay float32).
+      wgrad: 'native_amx' runs the matmul, as a 1x1 convolution to ``4C``
+        channels, and both its gradients on AMX tiles (bf16 products, float32
+        sums) where ``C_in`` is a multiple of 16 and ``W`` of 8; otherwise,
+        and for 'xla' / 'native', the matmul is XLA's.
     """
 
     features: int
     dtype: Dtype = jnp.float32
+    wgrad: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Args: x ``[B, H, W, C_in]``. Returns: ``[B, 2H, 2W, features]``."""
+        check_choice("wgrad", self.wgrad, WGRAD_MODES)
         b, h, w, c = x.shape
         kernel = self.param("kernel", HE_INIT, (2, 2, c, self.features), PARAM_DTYPE)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), PARAM_DTYPE)
@@ -484,8 +490,25 @@ class Deconv2x2(nn.Module):
         # transposed 64 bytes at a time (python -m busi_jax.bench --profile).
         o = self.features
         k = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * o)
-        y = (x.reshape(b * h * w, c) @ k).reshape(b, h, w, 2, 2 * o)
+        if self._on_amx(x):
+            # With the 3x3 convs on AMX, XLA's matmuls here were the largest
+            # remaining convolution-like cost (bf16 ones slower than float32).
+            y = amx_conv_general_dilated(
+                x, k[None, None], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            ).reshape(b, h, w, 2, 2 * o)
+        else:
+            y = (x.reshape(b * h * w, c) @ k).reshape(b, h, w, 2, 2 * o)
         return y.transpose(0, 1, 3, 2, 4).reshape(b, 2 * h, 2 * w, o) + bias
+
+    def _on_amx(self, x: jax.Array) -> bool:
+        return (
+            self.wgrad == "native_amx"
+            and x.shape[-1] % AMX_CHANNELS == 0
+            and (4 * self.features) % AMX_CHANNELS == 0
+            and x.shape[2] % AMX_WIDTH == 0
+            and jax.default_backend() == "cpu"
+            and amx_available()
+        )
 
 
 class UpSample(nn.Module):
@@ -500,22 +523,26 @@ class UpSample(nn.Module):
       features: output channels ``C``.
       mode: 'transpose', 'bilinear', 'nearest' or 'resize'.
       dtype: compute dtype.
+      wgrad: which kernels run the convolution or matmul (see :func:`conv`).
     """
 
     features: int
     mode: str = "transpose"
     dtype: Dtype = jnp.float32
+    wgrad: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """Args: x ``[B, H, W, C_in]``. Returns: ``[B, 2H, 2W, features]``."""
         check_choice("upsample", self.mode, UPSAMPLE_MODES)
         if self.mode == "transpose":
-            return Deconv2x2(self.features, dtype=self.dtype, name="deconv")(x)
+            return Deconv2x2(self.features, dtype=self.dtype, wgrad=self.wgrad, name="deconv")(x)
         b, h, w, c = x.shape
         method = "bilinear" if self.mode == "resize" else self.mode
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=method)
-        return conv(self.features, 3, use_bias=True, dtype=self.dtype, name="conv")(x)
+        return conv(
+            self.features, 3, use_bias=True, dtype=self.dtype, wgrad=self.wgrad, name="conv"
+        )(x)
 
 
 def max_pool2(x: jax.Array) -> jax.Array:

@@ -150,7 +150,9 @@ class UNetDecoder(nn.Module):
         for i in reversed(range(self.depth)):
             width = self.features * 2**i
             skip = skips[i]
-            up = UpSample(width, self.upsample, dtype=self.dtype, name=f"up{i}")(x)
+            up = UpSample(width, self.upsample, dtype=self.dtype, wgrad=self.wgrad, name=f"up{i}")(
+                x
+            )
             if self.attention:
                 skip = AttentionGate(max(1, width // 2), dtype=self.dtype, name=f"att{i}")(skip, x)
             x = jnp.concatenate([skip, up.astype(skip.dtype)], axis=-1)

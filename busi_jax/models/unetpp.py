@@ -188,9 +188,9 @@ class UNetPlusPlus(nn.Module):
         for j in range(1, cols + 1):
             for i in range(cols + 1 - j):
                 width = self.features * 2**i
-                up = UpSample(width, self.upsample, dtype=self.dtype, name=f"up_{i}_{j}")(
-                    nodes[(i + 1, j - 1)]
-                )
+                up = UpSample(
+                    width, self.upsample, dtype=self.dtype, wgrad=self.wgrad, name=f"up_{i}_{j}"
+                )(nodes[(i + 1, j - 1)])
                 cat = [nodes[(i, k)] for k in range(j)]
                 cat.append(up.astype(cat[0].dtype))
                 nodes[(i, j)] = ConvBlock(width, name=f"X_{i}_{j}", **kw)(
