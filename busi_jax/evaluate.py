@@ -358,12 +358,15 @@ def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot, force
     The masks are the segmenter's post-processed predictions (``[N, S, S]``
     bool), or None for a classifier trained on ground-truth masks, which is
     then scored on them and labelled as an ablation -- unless ``forced``
-    (``--segmenter_workdir``) asks for predicted masks.
+    (``--segmenter_workdir``) asks for predicted masks, or the classifier
+    chose its checkpoint on its segmenter's masks (``val_mask_source``).
     """
     cls_cfg = inference.load_config(parts["classifier"] or parts["multitask"])
     trained_on_truth = (
         bool(parts["classifier"]) and cls_cfg.classifier.mask_source == "ground_truth"
     )
+    if trained_on_truth and cls_cfg.classifier.get("val_mask_source", "same") == "predicted":
+        forced = True  # Its own run paired it with a segmenter: score it as deployed.
     mask_source = "predicted"
     if trained_on_truth and forced:
         mask_source = "predicted (classifier trained on ground-truth masks)"

@@ -61,6 +61,8 @@ def test_classifier_on_truth_masks_chooses_checkpoint_on_predicted_masks(tiny_pi
     # Evaluation pairs the run with the segmenter it was selected on.
     parts = evaluate.resolve(tmp_path / "cls")
     assert parts["segmenter"] == workdir / "segmenter"
+    rep = evaluate.evaluate(tmp_path / "cls", n_boot=10, plots_enabled=False)
+    assert rep["classification"]["masks"] == "predicted (classifier trained on ground-truth masks)"
 
     cls.classifier.val_mask_source = "truth"
     with pytest.raises(train.ConfigError, match="val_mask_source='truth': must be"):
