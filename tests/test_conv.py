@@ -468,3 +468,15 @@ def test_amx_deconv_is_the_matmul_of_bf16_inputs_with_its_gradients():
     x8 = jax.random.normal(jax.random.key(3), (2, 8, 8, 8))
     v8 = ref.init(jax.random.key(1), x8)
     assert "busi_conv_amx" not in jax.jit(amx.apply).lower(v8, x8).as_text()
+
+
+@pytest.mark.parametrize("kernel", ["native", pytest.param("amx", marks=needs_amx)])
+def test_weight_gradients_are_bit_identical_call_to_call(kernel):
+    """Images are summed in a fixed order, whatever the threads did: no run-to-run drift."""
+    x = jax.random.normal(jax.random.key(0), (13, 16, 16, 32))
+    dy = jax.random.normal(jax.random.key(1), (13, 16, 16, 16))
+    fn = amx_weight_gradient if kernel == "amx" else native_weight_gradient
+    args = ((3, 3, 32, 16), (1, 1), ((1, 1), (1, 1)))
+    first = np.asarray(fn(x, dy, *args))
+    for _ in range(6):
+        np.testing.assert_array_equal(np.asarray(fn(x, dy, *args)), first)
