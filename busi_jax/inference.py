@@ -40,7 +40,8 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
             3x3 convolutions on AMX tiles in bf16 with eval-mode BatchNorm and
             ReLU folded in: the fastest CPU forward pass, no gradients; needs
             an AMX CPU and a C++ compiler; see busi_jax.models.conv). The
-            checkpoint is the same either way.
+            checkpoint is the same either way; models without AMX kernels
+            (the classifier) run on XLA whatever this says.
 
     Returns:
         ``(config, model, variables)``.
@@ -55,9 +56,10 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     model_config = config.model.to_dict()
     if kernels == "native_amx":
         _check_amx()
-    if "wgrad" in model_config or kernels != "xla":
+    if "wgrad" in models_lib.model_options(model_config["name"]):
         # A training-speed option, not part of the model: whatever the run
-        # trained with, inference uses the kernels asked for here.
+        # trained with, inference uses the kernels asked for here. Models
+        # without the option (the classifier) always run on XLA.
         model_config["wgrad"] = kernels
     model = models_lib.create_model(model_config)
     size = int(config.data.image_size)

@@ -443,6 +443,9 @@ def test_mask_predictor_on_amx_kernels_agrees_with_xla(tiny_pipeline, tiny_data_
     xla = inference.mask_predictor(workdir / "segmenter")(images)
     amx = inference.mask_predictor(workdir / "segmenter", kernels="native_amx")(images)
     assert amx.shape == xla.shape and np.mean(amx != xla) < 0.01
+    # The classifier has no AMX path: it loads and runs on XLA.
+    _, clf, _ = inference.load_model(workdir / "classifier", kernels="native_amx")
+    assert not hasattr(clf, "wgrad")
 
 
 @needs_amx
