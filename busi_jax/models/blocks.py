@@ -22,11 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from busi_jax.models.conv import (
-    AMX_CHANNELS,
-    AMX_WIDTH,
-    amx_available,
     amx_conv,
     amx_conv_general_dilated,
+    amx_fits,
     chunked_conv,
     native_wgrad_conv,
 )
@@ -315,11 +313,7 @@ class ConvBlock(nn.Module):
             and self.wgrad == "native_amx"
             and self.norm == "batch"
             and not self.is_initializing()
-            and x.shape[-1] % AMX_CHANNELS == 0
-            and self.features % AMX_CHANNELS == 0
-            and x.shape[2] % AMX_WIDTH == 0
-            and jax.default_backend() == "cpu"
-            and amx_available()
+            and amx_fits(x.shape[-1], self.features, x.shape[2])
         )
 
     def _amx_conv_norm_relu(self, x: jax.Array, i: int) -> jax.Array:
@@ -501,14 +495,7 @@ class Deconv2x2(nn.Module):
         return y.transpose(0, 1, 3, 2, 4).reshape(b, 2 * h, 2 * w, o) + bias
 
     def _on_amx(self, x: jax.Array) -> bool:
-        return (
-            self.wgrad == "native_amx"
-            and x.shape[-1] % AMX_CHANNELS == 0
-            and (4 * self.features) % AMX_CHANNELS == 0
-            and x.shape[2] % AMX_WIDTH == 0
-            and jax.default_backend() == "cpu"
-            and amx_available()
-        )
+        return self.wgrad == "native_amx" and amx_fits(x.shape[-1], 4 * self.features, x.shape[2])
 
 
 class UpSample(nn.Module):

@@ -320,6 +320,17 @@ def amx_available() -> bool:
     return {"amx_tile", "amx_bf16"} <= set(native.cpu_flags().split())
 
 
+def amx_fits(c_in: int, c_out: int, width: int) -> bool:
+    """Whether a stride-1 NHWC conv of these sizes can run on this machine's AMX tiles."""
+    return (
+        c_in % AMX_CHANNELS == 0
+        and c_out % AMX_CHANNELS == 0
+        and width % AMX_WIDTH == 0
+        and jax.default_backend() == "cpu"
+        and amx_available()
+    )
+
+
 def amx_selftest() -> None:
     """Runs one tiny AMX convolution and checks its answer.
 
