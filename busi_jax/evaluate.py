@@ -80,10 +80,7 @@ def resolve(workdir: str | os.PathLike[str]) -> dict[str, pathlib.Path | None]:
         out["multitask"] = workdir
     elif config.task == "classification":
         out["classifier"] = workdir
-        if "predicted" in (
-            config.classifier.mask_source,
-            config.classifier.get("val_mask_source", "same"),
-        ):
+        if "predicted" in (config.classifier.mask_source, inference.validation_mask_source(config)):
             out["segmenter"] = pathlib.Path(config.classifier.segmenter_workdir)
     return out
 
@@ -365,7 +362,7 @@ def _classify(cls_fn, parts, val, target, val_masks, target_masks, n_boot, force
     trained_on_truth = (
         bool(parts["classifier"]) and cls_cfg.classifier.mask_source == "ground_truth"
     )
-    if trained_on_truth and cls_cfg.classifier.get("val_mask_source", "same") == "predicted":
+    if trained_on_truth and inference.validation_mask_source(cls_cfg) == "predicted":
         forced = True  # Its own run paired it with a segmenter: score it as deployed.
     mask_source = "predicted"
     if trained_on_truth and forced:

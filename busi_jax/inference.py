@@ -30,6 +30,16 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 KERNELS = ("xla", "native_amx")
 
 
+def validation_mask_source(config: ml_collections.ConfigDict) -> str:
+    """Where a classifier run's validation masks come from: 'predicted' or 'ground_truth'.
+
+    ``config.classifier.val_mask_source`` ('same' when absent, as in runs saved
+    before it existed) follows ``config.classifier.mask_source``.
+    """
+    source = config.classifier.get("val_mask_source", "same")
+    return config.classifier.mask_source if source == "same" else source
+
+
 def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     """Restores the best checkpoint of a training workdir.
 

@@ -684,10 +684,11 @@ def train_and_evaluate(
     """
     validate_config(config)
     task = make_task(config, model, loss_fn)
+    from busi_jax import inference
+
     val_source = None
     if config.task == "classification":
-        val_source = config.classifier.get("val_mask_source", "same")
-        val_source = None if val_source == "same" else val_source
+        val_source = inference.validation_mask_source(config)
     if (
         config.task == "classification"
         and "predicted" in (config.classifier.mask_source, val_source)
@@ -698,8 +699,6 @@ def train_and_evaluate(
                 "config.classifier.segmenter_workdir is empty: classification on predicted masks needs a"
                 " trained segmenter (or set config.classifier.mask_source='ground_truth')"
             )
-        from busi_jax import inference
-
         predicted_masks = inference.mask_predictor(config.classifier.segmenter_workdir)
 
     train = prepare_arrays(config, config.data.train_split, predicted_masks)

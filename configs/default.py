@@ -30,9 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.norm = "batch"  # 'batch' | 'group' | 'none'.
     config.model.upsample = "transpose"  # 'transpose' or 'bilinear'/'nearest' resize + conv.
     config.model.dtype = "float32"  # Compute dtype ('bfloat16' keeps float32 parameters).
-    config.model.wgrad = (
-        "xla"  # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_amx' (+AMX bf16).
-    )
+    # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_amx' (+AMX bf16).
+    config.model.wgrad = "xla"
 
     config.loss = "dice"  # 'dice' (paper) | 'dice_bce' | 'bce'.
     config.bce_weight = 0.5  # BCE weight in 'dice_bce'.
