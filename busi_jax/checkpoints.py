@@ -84,6 +84,10 @@ class Checkpoints:
         self.latest.wait_until_finished()
 
     def save_best(self, step: int, weights: Any, meta: dict, metrics: dict) -> None:
+        if step in self.best.all_steps():
+            # A resumed run redoing the epochs after its last full-state save
+            # (config.checkpoint_every_epochs > 1) already saved this step.
+            return
         self.best.save(
             step,
             args=ocp.args.Composite(

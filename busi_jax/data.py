@@ -159,6 +159,58 @@ def load_split(data_config: Mapping, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+ROLES = ("train", "eval")
+
+
+def load_run_split(data_config: Mapping, role: str) -> dict[str, np.ndarray]:
+    """Loads the scans a training run fits (``role='train'``) or validates on (``'eval'``).
+
+    Without ``cv_fold`` these are the splits ``train_split`` and
+    ``eval_split``. With ``cv_fold=k`` (k-fold cross-validation, as in
+    nnU-Net) the two splits are pooled and fold ``k`` is held out for
+    validation: the builder deals whole near-duplicate groups to folds, so no
+    group straddles the two, and ``test`` is never touched.
+
+    Args:
+        data_config: see :func:`builder`; plus ``train_split``, ``eval_split``
+            and optionally ``cv_fold``.
+        role: ``'train'`` or ``'eval'``.
+
+    Returns:
+        Arrays as in :func:`load_split`.
+
+    Raises:
+        DataConfigError: ``cv_fold`` is not a fold of the built dataset.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    fold = data_config.get("cv_fold")
+    if fold is None:
+        return load_split(
+            data_config, data_config["train_split" if role == "train" else "eval_split"]
+        )
+    pool = load_pool(data_config)
+    num_folds = builder(data_config).builder_config.num_folds
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise DataConfigError(
+            f"data.cv_fold must be an integer in [0, {num_folds}) (the dataset's folds), got {fold!r}"
+        )
+    folds = [f for f in range(num_folds) if f != fold] if role == "train" else [fold]
+    return select_folds(pool, folds)
+
+
+def load_pool(data_config: Mapping) -> dict[str, np.ndarray]:
+    """``train_split`` and ``eval_split`` concatenated: the scans cross-validation deals out.
+
+    Adds ``in_eval_split`` ``[N]`` bool, True for the rows of ``eval_split``.
+    """
+    train = load_split(data_config, data_config["train_split"])
+    held = load_split(data_config, data_config["eval_split"])
+    pool = concat(train, held)
+    pool["in_eval_split"] = np.arange(len(pool["label"])) >= len(train["label"])
+    return pool
+
+
 def select_folds(arrays: Mapping[str, np.ndarray], folds) -> dict[str, np.ndarray]:
     """The rows of ``arrays`` whose ``fold`` is in ``folds``."""
     keep = np.isin(arrays["fold"], np.asarray(list(folds)))

@@ -244,10 +244,18 @@ def evaluate(
     out_dir = out_json.parent
     stem = out_json.stem
 
-    val = data_lib.load_split(config.data, "validation")
+    runs = [r for r in (parts["segmenter"] or parts["multitask"],) if r] + members
+    cv_folds = _cv_folds(runs, parts)
+    if cv_folds is None:
+        val = data_lib.load_split(config.data, "validation")
+    else:
+        # Out-of-fold: each held-out fold is predicted by the run that did not
+        # train on it, so tuning sees no scan any scoring model fitted.
+        val = data_lib.select_folds(data_lib.load_pool(config.data), cv_folds)
     target = load_folder(data_dir, size) if data_dir else data_lib.load_split(config.data, split)
 
     seg_fn = cls_fn = None
+    run_seg_fns: list = []  # One probability function per run, for out-of-fold tuning.
     if parts["multitask"]:
         mts = [multitask_outputs(m, tta) for m in [parts["multitask"], *members]]
 
@@ -257,13 +265,15 @@ def evaluate(
             return tuple(np.mean([o[i] for o in outs], axis=0) for i in (0, 1))
 
         seg_fn = lambda im: mt(im)[0]  # noqa: E731
+        run_seg_fns = [lambda im, f=f: f(im)[0] for f in mts]
         mt_logits = lambda im, _m: mt(im)[1]  # noqa: E731
         cls_fn = mt_logits
     if parts["segmenter"]:
         seg_fn = segmenter_probs(parts["segmenter"], tta)
+        run_seg_fns = [seg_fn]
         if members:
-            fns = [seg_fn] + [segmenter_probs(m, tta) for m in members]
-            seg_fn = lambda im: np.mean([f(im) for f in fns], axis=0)  # noqa: E731
+            run_seg_fns += [segmenter_probs(m, tta) for m in members]
+            seg_fn = lambda im: np.mean([f(im) for f in run_seg_fns], axis=0)  # noqa: E731
     if parts["classifier"]:
         cls_fn = classifier_logits(parts["classifier"])
 
@@ -278,7 +288,12 @@ def evaluate(
         "tta": "horizontal flip averaging" if tta else "none",
         "segmenter_workdir": os.fspath(parts["segmenter"]) if parts["segmenter"] else None,
         "ensemble": [os.fspath(m) for m in members],
-        "tuned_on": "validation split (post-processing, temperature)",
+        "tuned_on": (
+            "validation split (post-processing, temperature)"
+            if cv_folds is None
+            else f"out-of-fold predictions of cross-validation folds {cv_folds} of"
+            " train + validation (post-processing)"
+        ),
         "bootstrap": f"{n_boot} percentile resamples of scans, seed 0",
     }
     for role, path in parts.items():
@@ -301,10 +316,22 @@ def evaluate(
     pred_masks = val_masks = None
     if seg_fn is not None:
         pp_cfg = pp.PostprocessConfig(threshold=float(config.get("threshold", 0.5)))
-        val_probs = seg_fn(val["image"])
+        if cv_folds is None:
+            val_probs = seg_fn(val["image"])
+        else:
+            val_probs = np.zeros(val["mask"].shape[:-1], np.float32)
+            for fold, fn in zip(cv_folds, run_seg_fns):
+                rows = val["fold"] == fold
+                val_probs[rows] = fn(val["image"][rows])
+        val_truth = val["mask"][..., 0] > 0
         if postprocess == "auto":
-            pp_cfg, _ = pp.choose_on_validation(val_probs, val["mask"][..., 0] > 0)
+            pp_cfg, _ = pp.choose_on_validation(val_probs, val_truth)
         protocol["postprocess"] = pp_cfg.describe()
+        # Model selection reads these, never the test scores.
+        tuned = evalmetrics.dice_per_scan(pp.apply(val_probs, pp_cfg), val_truth)
+        protocol["tuning_scans"] = len(tuned)
+        protocol["tuning_dice_all"] = float(tuned.mean())
+        protocol["tuning_lesion_dice"] = float(tuned[val_truth.any(axis=(1, 2))].mean())
         val_masks = pp.apply(val_probs, pp_cfg)
         pred_masks = pp.apply(seg_fn(target["image"]), pp_cfg)
         truth = target["mask"][..., 0] > 0
@@ -418,6 +445,29 @@ def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
     return members
 
 
+def _cv_folds(runs: Sequence[pathlib.Path], parts) -> list[int] | None:
+    """The held-out folds of cross-validation runs (one each), or None for runs on the splits.
+
+    Raises:
+        CheckpointError: runs mix the two, share a fold, or (for now) a
+            classifier or multitask head would need out-of-fold logits.
+    """
+    folds = [inference.load_config(r).data.get("cv_fold") for r in runs]
+    if all(f is None for f in folds):
+        return None
+    if any(f is None for f in folds) or len(set(folds)) != len(folds):
+        raise ckpt_lib.CheckpointError(
+            "--ensemble: cross-validation runs must each hold out a different fold and cannot be"
+            f" mixed with runs trained on the splits (held-out folds: {folds})"
+        )
+    if parts["classifier"] or parts["multitask"]:
+        raise ckpt_lib.CheckpointError(
+            "cross-validation runs are scored as segmenters only: pair a classifier with a"
+            " segmenter trained on the splits"
+        )
+    return [int(f) for f in folds]
+
+
 def check_same_splits(config, other: pathlib.Path, flag: str, task: str) -> None:
     """Raises CheckpointError unless ``other`` holds a ``task`` run on ``config``'s data and splits.
 
@@ -426,9 +476,16 @@ def check_same_splits(config, other: pathlib.Path, flag: str, task: str) -> None
     cfg = inference.load_config(other)
     if cfg.task != task:
         raise ckpt_lib.CheckpointError(f"{flag}: {other} holds a {cfg.task} run, not {task}")
-    if json.loads(cfg.data.to_json_best_effort()) != json.loads(config.data.to_json_best_effort()):
+    if _data_identity(cfg) != _data_identity(config):
         # A run trained on other splits may have seen the scans scored here.
         raise ckpt_lib.CheckpointError(f"{flag}: {other} was trained on other data or splits")
+
+
+def _data_identity(config) -> dict:
+    """The data config without the held-out fold (cross-validation members differ there)."""
+    data = json.loads(config.data.to_json_best_effort())
+    data.pop("cv_fold", None)
+    return data
 
 
 def _segmentation_plots(out_dir, stem, target, truth, pred, scores, seg_report):

@@ -265,6 +265,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     need(config.early_stopping_patience >= 0, "early_stopping_patience", "must be >= 0")
     need(config.keep_best >= 1, "keep_best", "must be >= 1")
+    need(
+        isinstance(config.get("checkpoint_every_epochs", 1), int)
+        and config.get("checkpoint_every_epochs", 1) >= 1,
+        "checkpoint_every_epochs",
+        "must be a positive integer",
+    )
     need(0 <= config.ema_decay < 1, "ema_decay", "must lie in [0, 1)")
     need(isinstance(config.get("ema_warmup", True), bool), "ema_warmup", "must be True or False")
     need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -464,15 +470,16 @@ def _multitask_view(arrays: dict) -> dict:
 
 def prepare_arrays(
     config: ml_collections.ConfigDict,
-    split: str,
+    arrays: Mapping[str, np.ndarray],
     predicted_masks: Callable[[np.ndarray], np.ndarray] | None = None,
     mask_source: str | None = None,
 ) -> dict:
-    """Loads a split and shapes it for ``config.task``.
+    """Shapes loaded scans for ``config.task``.
 
     Args:
         config: experiment config.
-        split: TFDS split name.
+        arrays: scans as loaded by :func:`busi_jax.data.load_split` or
+            :func:`busi_jax.data.load_run_split`.
         predicted_masks: for classification with predicted masks, ``images
             [N, H, W, 1] uint8 -> masks [N, H, W, 1] uint8``.
         mask_source: overrides ``config.classifier.mask_source`` for this split.
@@ -480,7 +487,7 @@ def prepare_arrays(
     Returns:
         Host arrays with at least ``image``, ``mask``, ``label``, ``file_name``.
     """
-    arrays = data_lib.load_split(config.data, split)
+    arrays = dict(arrays)
     if config.task == "classification":
         arrays = _classification_view(arrays, config.model.get("num_classes", 1))
         mask_source = mask_source or config.classifier.mask_source
@@ -654,6 +661,9 @@ def _identity(cfg: dict, field: str):
     value = cfg.get(field)
     if field == "model" and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in SPEED_ONLY_MODEL_OPTIONS}
+    if field == "data" and isinstance(value, dict) and value.get("cv_fold") is None:
+        # Runs saved before cross-validation existed trained on the splits.
+        value = {k: v for k, v in value.items() if k != "cv_fold"}
     if field == "classifier" and isinstance(value, dict) and value.get("val_mask_source") == "same":
         # Runs saved before the option existed used their training masks.
         value = {k: v for k, v in value.items() if k != "val_mask_source"}
@@ -701,8 +711,10 @@ def train_and_evaluate(
             )
         predicted_masks = inference.mask_predictor(config.classifier.segmenter_workdir)
 
-    train = prepare_arrays(config, config.data.train_split, predicted_masks)
-    val = prepare_arrays(config, config.data.eval_split, predicted_masks, val_source)
+    train = prepare_arrays(config, data_lib.load_run_split(config.data, "train"), predicted_masks)
+    val = prepare_arrays(
+        config, data_lib.load_run_split(config.data, "eval"), predicted_masks, val_source
+    )
     n_train = len(train["image"])
     if n_train < config.batch_size:
         raise ConfigError(
@@ -816,7 +828,7 @@ def train_and_evaluate(
             record = {
                 "epoch": epoch,
                 "step": int(state.step),
-                "split": "validation",
+                "split": _eval_name(config.data),
                 "train_loss": loss_avg.compute(),
                 **val_metrics,
                 "devices": jax.device_count(),
@@ -831,7 +843,11 @@ def train_and_evaluate(
                     {"epoch": epoch, **_clean(val_metrics)},
                     {task.metric: value},
                 )
-            ckpts.save_latest(int(state.step), state, meta)
+            # On a fast accelerator writing the whole state every epoch can
+            # cost more than the epoch; an interruption then redoes < N epochs.
+            every = config.get("checkpoint_every_epochs", 1)
+            if epoch % every == 0 or epoch == config.num_epochs or meta["stopped"]:
+                ckpts.save_latest(int(state.step), state, meta)
             if bar is None:
                 print(
                     f"epoch {epoch}: train_loss {record['train_loss']:.4f} val {task.metric} {value:.4f}",
@@ -851,18 +867,24 @@ def train_and_evaluate(
     ckpts.close()
     preds = predict_arrays(eval_fn, best_weights, val, config.eval_batch_size)
     final = {
-        "split": config.data.eval_split,
+        "split": _eval_name(config.data),
         "best_epoch": best_meta["epoch"],
         "epochs_run": meta["epoch"],
         **summarize(task.kind, preds, val, config.threshold),
     }
     busi_io.atomic_write_json(workdir / "final_metrics.json", _clean(final))
     print(
-        f"Validation ({config.data.eval_split}) of the best checkpoint (epoch {best_meta['epoch']}): "
+        f"Validation ({_eval_name(config.data)}) of the best checkpoint (epoch {best_meta['epoch']}): "
         + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float)),
         file=sys.stderr,
     )
     return final
+
+
+def _eval_name(data_config) -> str:
+    """What a run validates on, for logs: a split, or a cross-validation fold."""
+    fold = data_config.get("cv_fold")
+    return data_config.eval_split if fold is None else f"cv fold {fold}"
 
 
 def _clean(d: Mapping) -> dict:

@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = 128  # Side of the square scans: 128 (paper) or 256.
     config.data.train_split = "train"  # TFDS split trained on.
     config.data.eval_split = "validation"  # Split that picks checkpoints and stops early.
+    # k-fold cross-validation: hold out this fold of train + validation and train
+    # on the others (folds deal whole near-duplicate groups); None: the splits above.
+    config.data.cv_fold = ml_collections.config_dict.placeholder(int)
     config.data.synthetic_seed = 0  # Seed of the phantom generator (source='synthetic').
     config.data.synthetic_per_class = 40  # Benign and malignant phantoms each; normals get half.
 
@@ -53,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 50  # Paper: 50.
     config.early_stopping_patience = 10  # Epochs without a better validation metric; 0 disables.
     config.keep_best = 2  # Best checkpoints kept by the validation metric.
+    config.checkpoint_every_epochs = 1  # Resumable state saved every N epochs (and at the end).
     config.threshold = (
         0.5  # Probability threshold of the predicted mask during training evaluation.
     )

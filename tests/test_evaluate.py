@@ -152,6 +152,62 @@ def test_ensemble_averages_its_members(tiny_pipeline, tmp_path, monkeypatch):
     assert (seg / "eval" / "test_ensemble.json").exists()
 
 
+def _as_cv_run(src, dst, fold):
+    """A copy of a segmenter workdir relabelled as the run holding out ``fold``."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["data"]["cv_fold"] = fold
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_cross_validation_ensemble_tunes_on_out_of_fold_predictions(
+    tiny_pipeline, tmp_path, monkeypatch
+):
+    from busi_jax import data, inference
+
+    _, workdir, _ = tiny_pipeline
+    seg = pathlib.Path(workdir) / "segmenter"
+    runs = {f: _as_cv_run(seg, tmp_path / f"fold{f}", f) for f in (1, 3)}
+    # Each run predicts a constant, so the tuning masks show which run
+    # predicted which scan: fold 1's run says lesion everywhere, fold 3's nowhere.
+    const = {runs[1]: 0.9, runs[3]: 0.3}
+    monkeypatch.setattr(
+        evaluate,
+        "segmenter_probs",
+        lambda path, tta=False: lambda im: np.full(im.shape[:3], const[pathlib.Path(path)]),
+    )
+    report = evaluate.evaluate(
+        runs[1], ensemble=[runs[3]], postprocess="none", n_boot=0, plots_enabled=False
+    )
+    pool = data.load_pool(inference.load_config(runs[1]).data)
+    held = data.select_folds(pool, [1, 3])
+    truth = held["mask"][..., 0] > 0
+    expected = np.where(
+        held["fold"] == 1,
+        np.where(truth.any(axis=(1, 2)), 2 * truth.mean((1, 2)) / (truth.mean((1, 2)) + 1), 0.0),
+        np.where(truth.any(axis=(1, 2)), 0.0, 1.0),
+    )
+    protocol = report["protocol"]
+    assert protocol["tuning_scans"] == len(held["label"]) > 0
+    assert protocol["tuning_dice_all"] == pytest.approx(expected.mean())
+    assert "out-of-fold" in protocol["tuned_on"] and "[1, 3]" in protocol["tuned_on"]
+    # On test, the members' average (0.6) passes the threshold everywhere.
+    assert report["segmentation"]["pixel_recall"]["mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("case", ["same_fold", "mixed"])
+def test_cross_validation_ensemble_misuse_is_one_clear_error(tiny_pipeline, tmp_path, case):
+    from busi_jax import checkpoints
+
+    _, workdir, _ = tiny_pipeline
+    seg = pathlib.Path(workdir) / "segmenter"
+    first = _as_cv_run(seg, tmp_path / "a", 2)
+    other = _as_cv_run(seg, tmp_path / "b", 2) if case == "same_fold" else seg
+    with pytest.raises(checkpoints.CheckpointError, match="different fold"):
+        evaluate.evaluate(first, ensemble=[other], n_boot=0, plots_enabled=False)
+
+
 def test_classifier_paired_with_another_segmenter(tiny_pipeline, tmp_path):
     _, workdir, _ = tiny_pipeline
     workdir = pathlib.Path(workdir)

@@ -22,7 +22,9 @@ def test_pipeline_trains_classifier_on_predicted_masks(tiny_pipeline, tmp_path):
     # The classifier's inputs are the segmenter's masks, not the truth.
     predict = inference.mask_predictor(workdir / "segmenter")
     arrays = train.prepare_arrays(
-        ml_collections.ConfigDict(saved), "validation", predicted_masks=predict
+        ml_collections.ConfigDict(saved),
+        data.load_split(saved["data"], "validation"),
+        predicted_masks=predict,
     )
     truth = data.load_split(saved["data"], "validation")
     truth = truth["mask"][truth["label"] > 0]

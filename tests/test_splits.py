@@ -77,3 +77,39 @@ def test_bad_settings(kw):
     names, labels, groups = _toy(10)
     with pytest.raises(ValueError):
         splits.assign(names, labels, groups, **kw)
+
+
+@pytest.mark.parametrize("fold", [0, 3])
+def test_cross_validation_fold_holds_out_whole_groups_and_never_test(tiny_config, fold):
+    from busi_jax import data
+
+    cfg = tiny_config.data
+    pool = data.load_pool(cfg)
+    test = data.load_split(cfg, "test")
+    cfg.cv_fold = fold
+    train = data.load_run_split(cfg, "train")
+    held = data.load_run_split(cfg, "eval")
+    assert set(held["fold"]) == {fold} and fold not in set(train["fold"])
+    # Together they are exactly train + validation, each scan once.
+    names = sorted(train["file_name"]) + sorted(held["file_name"])
+    assert sorted(names) == sorted(pool["file_name"]) and len(set(names)) == len(names)
+    assert not set(names) & set(test["file_name"])
+    assert not set(train["group"]) & set(held["group"])
+    assert pool["in_eval_split"].sum() == len(data.load_split(cfg, "validation")["label"])
+
+
+@pytest.mark.parametrize("bad", [5, -1])
+def test_cross_validation_fold_out_of_range_is_one_clear_error(tiny_config, bad):
+    from busi_jax import data
+
+    tiny_config.data.cv_fold = bad
+    with pytest.raises(data.DataConfigError, match=r"data.cv_fold must be an integer in \[0, 5\)"):
+        data.load_run_split(tiny_config.data, "train")
+
+
+def test_without_cv_fold_runs_read_their_splits(tiny_config):
+    from busi_jax import data
+
+    cfg = tiny_config.data
+    got = data.load_run_split(cfg, "eval")["file_name"]
+    assert list(got) == list(data.load_split(cfg, cfg.eval_split)["file_name"])

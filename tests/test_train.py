@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +61,18 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
     train.train_and_evaluate(tiny_config, tmp_path)
     tiny_config.model.name = "unet"
     with pytest.raises(train.ConfigError, match="different config.model"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+
+
+def test_cross_validation_run_validates_on_its_fold_and_keeps_it(tiny_config, tmp_path):
+    tiny_config.data.cv_fold = 1
+    tiny_config.num_epochs = 1
+    final = train.train_and_evaluate(tiny_config, tmp_path)
+    assert final["split"] == "cv fold 1"
+    assert [e["split"] for e in _epochs(tmp_path)] == ["cv fold 1"]
+    # Another fold is another run: resuming this workdir with it is refused.
+    tiny_config.data.cv_fold = 2
+    with pytest.raises(train.ConfigError, match="different config.data"):
         train.train_and_evaluate(tiny_config, tmp_path)
 
 
@@ -160,6 +173,7 @@ def _tiny_args(data_dir, workdir, epochs=2):
         ("--config.batch_size=0", "config.batch_size=0: must be a positive integer"),
         ("--config.learning_rate=-1", "config.learning_rate=-1.0: must be a positive number"),
         ("--config.learning_rate=abc", "could not convert"),
+        ("--config.data.cv_fold=7", "data.cv_fold must be an integer in [0, 5)"),
     ],
 )
 def test_launch_reports_bad_config_in_one_line(tiny_data_dir, tmp_path, override, fragment):
@@ -234,6 +248,22 @@ def test_sigkill_then_rerun_matches_uninterrupted(tiny_data_dir, tmp_path):
     assert json.loads((killed / "final_metrics.json").read_text()) == json.loads(
         (whole / "final_metrics.json").read_text()
     )
+
+
+def test_sparse_full_state_saves_resume_by_redoing_epochs(tiny_config, tmp_path):
+    tiny_config.num_epochs = 3
+    tiny_config.checkpoint_every_epochs = 2
+    first = train.train_and_evaluate(tiny_config, tmp_path)
+    latest = tmp_path / "checkpoints" / "latest"
+    assert len([d for d in latest.iterdir() if d.name.isdigit()]) == 1  # Epoch 3 (the end).
+    # Back to the epoch-2 save, as if killed during epoch 3 after its best save.
+    shutil.rmtree(latest)
+    tiny_config.num_epochs = 2
+    train.train_and_evaluate(tiny_config, tmp_path / "two")
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "latest", latest)
+    tiny_config.num_epochs = 3
+    again = train.train_and_evaluate(tiny_config, tmp_path)
+    assert again == first
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
