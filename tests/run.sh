@@ -13,4 +13,7 @@ fi
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q -e ".[test]"
-python -m pytest -q --durations=15 "$@"
+# Two workers: most of a test's time is single-threaded XLA compilation, so
+# the two cores run two tests at once (they share the compilation cache that
+# tests/conftest.py sets up before the workers start).
+python -m pytest -q -n 2 --durations=15 "$@"
