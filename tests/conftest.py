@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:  # `configs` is imported as a package by the tests
 # each program once. It lives in a temporary folder removed at exit, so runs
 # never see each other's entries; a cache the caller set up is left alone.
 # pytest-xdist's workers start after the controller has run this, so they
-# inherit the variable and share the one cache (their writes are atomic).
+# inherit the variable and share the one cache (an entry read while the other
+# worker is still writing it fails to decompress; JAX warns and compiles).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="busi_jax_test_xla_cache_")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
