@@ -36,6 +36,11 @@ KERNELS = {
     "conv_amx": ("conv_amx.cc", "BusiConvAmx", "busi_conv_amx"),
     "conv_amx_wgrad": ("conv_amx.cc", "BusiConvAmxWgrad", "busi_conv_amx_wgrad"),
     "conv_amx_affine_relu": ("conv_amx.cc", "BusiConvAmxAffineRelu", "busi_conv_amx_affine_relu"),
+    "conv_amx_concat_affine_relu": (
+        "conv_amx.cc",
+        "BusiConvAmxConcatAffineRelu",
+        "busi_conv_amx_concat_affine_relu",
+    ),
 }
 
 

@@ -423,6 +423,41 @@ def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch
     assert "busi_conv_amx_affine_relu" not in train_text
 
 
+@needs_amx
+def test_amx_conv_of_parts_is_the_conv_of_their_concatenation():
+    """U-Net skips: the parts are read where they lie, bit-identical to concatenating first."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    parts = [
+        jax.random.normal(keys[0], (2, 16, 16, 16)),
+        jax.random.normal(keys[1], (2, 16, 16, 32)).astype(jnp.bfloat16),
+        jax.random.normal(keys[2], (2, 16, 16, 16)),
+    ]
+    w = jax.random.normal(keys[3], (3, 3, 64, 32))
+    scale, shift = jax.random.normal(keys[4], (32,)), jax.random.normal(keys[5], (32,))
+    kw = dict(scale=scale, shift=shift, out_dtype=jnp.float32)
+    got = jax.jit(lambda p: amx_conv(p, w, (1, 1), (1, 1), (16, 16), **kw))(parts)
+    cat = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
+    np.testing.assert_array_equal(got, amx_conv(cat, w, (1, 1), (1, 1), (16, 16), **kw))
+    with pytest.raises(ValueError, match="several input parts need"):
+        amx_conv(parts, w, (1, 1), (1, 1), (16, 16))
+
+
+@needs_amx
+def test_conv_block_given_parts_convolves_their_concatenation():
+    block = blocks.ConvBlock(features=16, wgrad="native_amx")
+    parts = [jax.random.normal(jax.random.key(i), (1, 16, 16, 16)) for i in range(3)]
+    cat = jnp.concatenate(parts, axis=-1)
+    v = block.init(jax.random.key(3), cat, train=False)
+    v = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
+    infer = jax.jit(lambda v, x: block.apply(v, x, train=False))
+    calls = re.findall(r"busi_conv_amx\w*", infer.lower(v, parts).as_text())
+    assert calls == ["busi_conv_amx_concat_affine_relu", "busi_conv_amx_affine_relu"]
+    np.testing.assert_array_equal(infer(v, parts), infer(v, cat))
+    # Training (batch statistics) concatenates and runs the usual path.
+    train = jax.jit(lambda v, x: block.apply(v, x, train=True, mutable=["batch_stats"])[0])
+    np.testing.assert_array_equal(train(v, parts), train(v, cat))
+
+
 def test_load_model_refuses_unknown_kernels(tiny_pipeline):
     from busi_jax import inference
 

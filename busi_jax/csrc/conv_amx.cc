@@ -87,12 +87,22 @@ BUSI_AMX inline __m512i InterleaveRows(const void* a, const void* b, bool bf16) 
   return _mm512_permutexvar_epi16(_mm512_load_si512(kPairs), ab);
 }
 
+// The input's channels may come from several tensors, side by side as if
+// concatenated (U-Net skips; BusiConvAmxConcatAffineRelu): the padding copy
+// reads each part into its channel range, so the concatenation is never
+// written out.
+struct Part {
+  const void* x;  // [B, H, W, C] of this part
+  int64_t C;      // its channels, a multiple of 16
+  bool bf16;      // element type (else float32)
+};
+
 struct Geometry {
   int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
   int64_t M;  // pixels per tile (16 or 8); divides Wo
   int64_t K;  // channels per tile (32 or 16); divides C
   int64_t band;  // output rows per task
-  bool x_bf16, y_bf16;  // element types of x and y (else float32)
+  bool y_bf16;  // element type of y (else float32)
   // Optional epilogue y = max(0, conv * scale[o] + shift[o]): an eval-mode
   // BatchNorm and ReLU folded into the store (BusiConvAmxAffineRelu).
   const float* scale = nullptr;
@@ -196,10 +206,11 @@ BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, void* yro
 }
 #undef BUSI_STORE_TILE
 
-// x rows [r_lo, r_lo + rows) of one image (r may fall outside 0..H-1) into a
-// zero-padded bf16 buffer whose column 0 is input column -pad_w.
-BUSI_AMX void PadToBf16(const void* image, uint16_t* out, const Geometry& g, int64_t r_lo,
-                        int64_t rows) {
+// x rows [r_lo, r_lo + rows) of image b (r may fall outside 0..H-1), its
+// parts side by side, into a zero-padded bf16 buffer whose column 0 is input
+// column -pad_w.
+BUSI_AMX void PadToBf16(const std::vector<Part>& parts, int64_t b, uint16_t* out,
+                        const Geometry& g, int64_t r_lo, int64_t rows) {
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
   std::memset(out, 0, rows * wp * g.C * sizeof(uint16_t));
   for (int64_t r = 0; r < rows; ++r) {
@@ -209,28 +220,32 @@ BUSI_AMX void PadToBf16(const void* image, uint16_t* out, const Geometry& g, int
       const int64_t w = q - g.pad_w;
       if (w < 0 || w >= g.W) continue;
       uint16_t* dst = out + (r * wp + q) * g.C;
-      if (g.x_bf16) {
-        std::memcpy(dst, static_cast<const uint16_t*>(image) + (h * g.W + w) * g.C, g.C * 2);
-        continue;
-      }
-      const float* src = static_cast<const float*>(image) + (h * g.W + w) * g.C;
-      for (int64_t c = 0; c < g.C; c += 16) {
-        __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), reinterpret_cast<__m256i&>(v));
+      const int64_t pixel = (b * g.H + h) * g.W + w;
+      for (const Part& part : parts) {
+        if (part.bf16) {
+          std::memcpy(dst, static_cast<const uint16_t*>(part.x) + pixel * part.C, part.C * 2);
+        } else {
+          const float* src = static_cast<const float*>(part.x) + pixel * part.C;
+          for (int64_t c = 0; c < part.C; c += 16) {
+            __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
+                                reinterpret_cast<__m256i&>(v));
+          }
+        }
+        dst += part.C;
       }
     }
   }
 }
 
-BUSI_AMX void RunBand(const void* x, const uint16_t* packed, void* y, const Geometry& g,
-                      int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
-  const int64_t xbytes = g.x_bf16 ? 2 : 4, ybytes = g.y_bf16 ? 2 : 4;
+BUSI_AMX void RunBand(const std::vector<Part>& parts, const uint16_t* packed, void* y,
+                      const Geometry& g, int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
+  const int64_t ybytes = g.y_bf16 ? 2 : 4;
   const int64_t h1 = std::min(g.Ho, h0 + g.band);
   const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
   buf.resize(rows * wp * g.C);
-  PadToBf16(static_cast<const char*>(x) + b * g.H * g.W * g.C * xbytes, buf.data(), g,
-            h0 - g.pad_h, rows);
+  PadToBf16(parts, b, buf.data(), g, h0 - g.pad_h, rows);
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(g.M);
@@ -281,7 +296,7 @@ BUSI_AMX std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const G
 // Tasks are (image, band of output rows), handed out by an atomic counter to
 // the caller and XLA's intra-op threads; late starters find nothing and return.
 struct Work {
-  const void* x;
+  std::vector<Part> parts;
   const uint16_t* packed;
   void* y;
   Geometry g;
@@ -295,7 +310,7 @@ struct Work {
     std::vector<uint16_t> buf;
     int64_t finished = 0;
     for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-      RunBand(x, packed, y, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
+      RunBand(parts, packed, y, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
       ++finished;
     }
     if (finished == 0) return;
@@ -309,21 +324,44 @@ bool F32OrBf16(const ffi::AnyBuffer& b) {
   return b.element_type() == ffi::DataType::F32 || b.element_type() == ffi::DataType::BF16;
 }
 
-// The forward pass; scale and shift (float32 [O]) may be null: no epilogue.
-ffi::Error ConvAmxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
-                       const float* scale, const float* shift, ffi::Result<ffi::AnyBuffer> y,
-                       int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w) {
-  if (!F32OrBf16(x) || !F32OrBf16(k) || !F32OrBf16(*y))
-    return ffi::Error::InvalidArgument("busi_conv_amx: x, kernel and y must be float32 or bf16");
-  auto xd = x.dimensions();
+// The parts of the input (channels side by side) as buffers; checks them.
+ffi::ErrorOr<std::vector<Part>> Parts(const std::vector<ffi::AnyBuffer>& xs) {
+  std::vector<Part> parts;
+  for (const ffi::AnyBuffer& x : xs) {
+    auto d = x.dimensions(), d0 = xs[0].dimensions();
+    if (!F32OrBf16(x) || d.size() != 4)
+      return ffi::Unexpected(
+          ffi::Error::InvalidArgument("busi_conv_amx: inputs must be rank-4 float32 or bf16"));
+    if (d[0] != d0[0] || d[1] != d0[1] || d[2] != d0[2] || d[3] % 16 != 0)
+      return ffi::Unexpected(ffi::Error::InvalidArgument(
+          "busi_conv_amx: input parts must share [B, H, W] and have channels in multiples of 16"));
+    parts.push_back(Part{x.untyped_data(), d[3], x.element_type() == ffi::DataType::BF16});
+  }
+  return parts;
+}
+
+// The forward pass over the input parts xs (channels side by side); scale and
+// shift (float32 [O]) may be null: no epilogue.
+ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& xs,
+                       ffi::AnyBuffer k, const float* scale, const float* shift,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
+                       int64_t pad_w) {
+  if (xs.empty()) return ffi::Error::InvalidArgument("busi_conv_amx: no input");
+  auto parts = Parts(xs);
+  if (parts.has_error()) return parts.error();
+  if (!F32OrBf16(k) || !F32OrBf16(*y))
+    return ffi::Error::InvalidArgument("busi_conv_amx: kernel and y must be float32 or bf16");
+  auto xd = xs[0].dimensions();
   auto kd = k.dimensions();
   auto yd = y->dimensions();
-  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4)
+  int64_t channels = 0;
+  for (const Part& part : *parts) channels += part.C;
+  if (kd.size() != 4 || yd.size() != 4)
     return ffi::Error::InvalidArgument("busi_conv_amx: x, kernel and y must be rank 4");
-  if (xd[0] != yd[0] || xd[3] != kd[2] || yd[3] != kd[3])
+  if (xd[0] != yd[0] || channels != kd[2] || yd[3] != kd[3])
     return ffi::Error::InvalidArgument(
         "busi_conv_amx: shapes disagree (x [B,H,W,C], kernel [KH,KW,C,O], y [B,Ho,Wo,O])");
-  if (xd[3] % 16 != 0 || kd[3] % 16 != 0 || yd[2] % 8 != 0)
+  if (kd[3] % 16 != 0 || yd[2] % 8 != 0)
     return ffi::Error::InvalidArgument(
         "busi_conv_amx: needs C and O multiples of 16 and output width a multiple of 8");
   if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
@@ -333,9 +371,9 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
         "busi_conv_amx: the kernel refused AMX tile state (arch_prctl); use model.wgrad='native'");
   auto work = std::make_shared<Work>();
   Geometry& g = work->g;
-  g = Geometry{xd[1], xd[2], xd[3], yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
-               pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, xd[3] % 32 == 0 ? 32 : 16, 1,
-               x.element_type() == ffi::DataType::BF16, y->element_type() == ffi::DataType::BF16};
+  g = Geometry{xd[1], xd[2], channels, yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
+               pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, channels % 32 == 0 ? 32 : 16, 1,
+               y->element_type() == ffi::DataType::BF16};
   g.scale = scale;
   g.shift = shift;
   const int64_t batch = xd[0];
@@ -353,7 +391,7 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
   g.band = std::max<int64_t>(1, (g.Ho + want - 1) / want);
   work->bands_per_image = (g.Ho + g.band - 1) / g.band;
   work->tasks = batch * work->bands_per_image;
-  work->x = x.untyped_data();
+  work->parts = std::move(*parts);
   work->packed = packed.data();
   work->y = out;
   const int64_t helpers = std::min<int64_t>(participants - 1, work->tasks - 1);
@@ -554,19 +592,41 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
 ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                    ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
                    int64_t pad_w) {
-  return ConvAmxImpl(pool, x, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w);
+  return ConvAmxImpl(pool, {x}, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w);
+}
+
+ffi::Error CheckAffine(const ffi::AnyBuffer& k, const ffi::Buffer<ffi::F32>& scale,
+                       const ffi::Buffer<ffi::F32>& shift) {
+  const auto o = k.dimensions().size() == 4 ? k.dimensions()[3] : -1;
+  if (scale.element_count() != o || shift.element_count() != o)
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_affine_relu: scale and shift must hold one value per output channel");
+  return ffi::Error::Success();
 }
 
 ffi::Error ConvAmxAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                              ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
                              int64_t pad_h, int64_t pad_w) {
-  const auto o = k.dimensions().size() == 4 ? k.dimensions()[3] : -1;
-  if (scale.element_count() != o || shift.element_count() != o)
-    return ffi::Error::InvalidArgument(
-        "busi_conv_amx_affine_relu: scale and shift must hold one value per output channel");
-  return ConvAmxImpl(pool, x, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w, pad_h,
+  if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
+  return ConvAmxImpl(pool, {x}, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w, pad_h,
                      pad_w);
+}
+
+// The same over the concatenation of the remaining arguments along channels.
+ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
+                                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                   ffi::RemainingArgs xs, ffi::Result<ffi::AnyBuffer> y,
+                                   int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w) {
+  if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
+  std::vector<ffi::AnyBuffer> parts;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto x = xs.get<ffi::AnyBuffer>(i);
+    if (x.has_error()) return x.error();
+    parts.push_back(*x);
+  }
+  return ConvAmxImpl(pool, parts, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
+                     pad_h, pad_w);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
@@ -587,6 +647,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
                                   .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
+                                  .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatAffineRelu, ConvAmxConcatAffineRelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
+                                  .RemainingArgs()               // x parts: float32 or bf16
                                   .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")

@@ -279,10 +279,17 @@ class ConvBlock(nn.Module):
     wgrad: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Args: x ``[B, H, W, C_in]``. Returns: ``[B, H, W, features]``."""
+    def __call__(self, x: jax.Array | Sequence[jax.Array], train: bool = False) -> jax.Array:
+        """Args: x ``[B, H, W, C_in]``, or a sequence of ``[B, H, W, C_k]`` taken
+        as their concatenation along channels (``C_in = sum C_k``; U-Net skips).
+        Returns: ``[B, H, W, features]``."""
+        # The folded inference kernel reads the parts where they are; any
+        # other path convolves their concatenation.
+        if isinstance(x, (list, tuple)) and not self._folds_norm(x, train):
+            x = jnp.concatenate(x, axis=-1)
         chunks = self.wgrad_chunks
-        if self.features < WGRAD_MIN_FEATURES or x.shape[1] * x.shape[2] > WGRAD_MAX_PIXELS:
+        first = x[0] if isinstance(x, (list, tuple)) else x
+        if self.features < WGRAD_MIN_FEATURES or first.shape[1] * first.shape[2] > WGRAD_MAX_PIXELS:
             chunks = 1
         for i in range(2):
             if self._folds_norm(x, train):
@@ -303,28 +310,31 @@ class ConvBlock(nn.Module):
             x = nn.relu(x)
         return recalibrate(self.se, x, reduction=self.se_reduction, dtype=self.dtype, name="se")
 
-    def _folds_norm(self, x: jax.Array, train: bool) -> bool:
+    def _folds_norm(self, x: jax.Array | Sequence[jax.Array], train: bool) -> bool:
         # Inference with the AMX kernels: the running-average BatchNorm is an
         # affine map, so it and the ReLU run in the convolution's store
         # instead of as a separate pass over the activations (at batch 1
         # those passes cost about as much as the convolutions' own stores).
+        parts = x if isinstance(x, (list, tuple)) else [x]
+        fits = all(amx_fits(p.shape[-1], self.features, p.shape[2]) for p in parts)
         return (
             not train
             and self.wgrad == "native_amx"
             and self.norm == "batch"
             and not self.is_initializing()
-            and amx_fits(x.shape[-1], self.features, x.shape[2])
+            and fits
         )
 
-    def _amx_conv_norm_relu(self, x: jax.Array, i: int) -> jax.Array:
+    def _amx_conv_norm_relu(self, x: jax.Array | Sequence[jax.Array], i: int) -> jax.Array:
         """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables."""
         kernel = self.variables["params"][f"conv{i}"]["kernel"]
         bn = self.variables["params"][f"norm{i}"]
         stats = self.variables["batch_stats"][f"norm{i}"]
         scale = bn["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
         shift = bn["bias"] - stats["mean"] * scale
+        hw = (x[0] if isinstance(x, (list, tuple)) else x).shape[1:3]
         return amx_conv(
-            x, kernel, (1, 1), (1, 1), x.shape[1:3], scale=scale, shift=shift, out_dtype=self.dtype
+            x, kernel, (1, 1), (1, 1), hw, scale=scale, shift=shift, out_dtype=self.dtype
         )
 
 

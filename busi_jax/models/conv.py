@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +236,7 @@ def _out_hw(in_hw, kernel_hw, dilation, pads) -> tuple[int, int]:
 
 
 def amx_conv(
-    x: jax.Array,
+    x: jax.Array | Sequence[jax.Array],
     kernel: jax.Array,
     dilation,
     pad_lo,
@@ -253,7 +253,11 @@ def amx_conv(
     are read and written as they are.
 
     Args:
-      x: ``[B, H, W, C]``, ``C`` a multiple of 16.
+      x: ``[B, H, W, C]``, ``C`` a multiple of 16; or, with ``scale`` and
+        ``shift``, a sequence of such arrays ``[B, H, W, C_k]``, convolved
+        as their concatenation along channels (``C = sum C_k``) without
+        writing it out (each part is copied straight into the kernel's
+        padded tile buffer).
       kernel: ``[KH, KW, C, O]``, ``O`` a multiple of 16.
       dilation: ``(dh, dw)`` kernel dilation.
       pad_lo: ``(top, left)`` zero padding (>= 0); the far side's padding
@@ -269,14 +273,20 @@ def amx_conv(
     Returns:
       ``[B, Ho, Wo, O]`` of ``out_dtype``.
     """
-    x, kernel = _amx_io(x), _amx_io(kernel)
-    shape = (x.shape[0], *out_hw, kernel.shape[3])
+    parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
+    kernel = _amx_io(kernel)
+    shape = (parts[0].shape[0], *out_hw, kernel.shape[3])
     if out_dtype is None:
-        both_bf16 = x.dtype == kernel.dtype == jnp.bfloat16
+        both_bf16 = all(p.dtype == jnp.bfloat16 for p in parts) and kernel.dtype == jnp.bfloat16
         out_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
-    args = [x, kernel]
+    if len(parts) > 1 and scale is None:
+        raise ValueError("amx_conv: several input parts need the scale/shift epilogue")
+    args = [parts[0], kernel]
     name = "conv_amx"
-    if scale is not None:
+    if len(parts) > 1:
+        name = "conv_amx_concat_affine_relu"
+        args = [kernel, scale.astype(jnp.float32), shift.astype(jnp.float32), *parts]
+    elif scale is not None:
         name = "conv_amx_affine_relu"
         args += [scale.astype(jnp.float32), shift.astype(jnp.float32)]
     call = jax.ffi.ffi_call(native.load(name), jax.ShapeDtypeStruct(shape, out_dtype))

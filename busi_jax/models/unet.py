@@ -155,7 +155,6 @@ class UNetDecoder(nn.Module):
             )
             if self.attention:
                 skip = AttentionGate(max(1, width // 2), dtype=self.dtype, name=f"att{i}")(skip, x)
-            x = jnp.concatenate([skip, up.astype(skip.dtype)], axis=-1)
             x = ConvBlock(
                 width,
                 norm=self.norm,
@@ -166,7 +165,7 @@ class UNetDecoder(nn.Module):
                 wgrad_chunks=self.wgrad_chunks,
                 wgrad=self.wgrad,
                 name=f"dec{i}",
-            )(x, train)
+            )([skip, up.astype(skip.dtype)], train)
         return x
 
 

@@ -193,9 +193,7 @@ class UNetPlusPlus(nn.Module):
                 )(nodes[(i + 1, j - 1)])
                 cat = [nodes[(i, k)] for k in range(j)]
                 cat.append(up.astype(cat[0].dtype))
-                nodes[(i, j)] = ConvBlock(width, name=f"X_{i}_{j}", **kw)(
-                    jnp.concatenate(cat, axis=-1), train
-                )
+                nodes[(i, j)] = ConvBlock(width, name=f"X_{i}_{j}", **kw)(cat, train)
         nodes[(0, cols)] = cam_point(self, "decoder", nodes[(0, cols)])
 
         def head(j: int, name: str) -> jax.Array:
