@@ -196,7 +196,13 @@ def load_run_split(data_config: Mapping, role: str) -> dict[str, np.ndarray]:
             f"data.cv_fold must be an integer in [0, {num_folds}) (the dataset's folds), got {fold!r}"
         )
     folds = [f for f in range(num_folds) if f != fold] if role == "train" else [fold]
-    return select_folds(pool, folds)
+    out = select_folds(pool, folds)
+    if not len(out["label"]):
+        raise DataConfigError(
+            f"data.cv_fold={fold}: no {'training' if role == 'train' else 'held-out'} scans"
+            f" (folds {folds} of {data_config['train_split']} + {data_config['eval_split']} are empty)"
+        )
+    return out
 
 
 def load_pool(data_config: Mapping) -> dict[str, np.ndarray]:

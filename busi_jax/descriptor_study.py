@@ -257,6 +257,11 @@ def study(
     if seg_dir is None:
         raise ckpt_lib.CheckpointError(f"--workdir: {workdir} holds no segmenter")
     config = inference.load_config(seg_dir)
+    if config.data.get("cv_fold") is not None:
+        # Its stack is fitted on validation, which a fold run mostly trained on.
+        raise ckpt_lib.CheckpointError(
+            f"--workdir: {seg_dir} is a cross-validation run; the study needs a run on the splits"
+        )
     if classifier_workdir:
         cls_dir = pathlib.Path(classifier_workdir).expanduser()
         # A classifier trained on other splits may have seen this test split.

@@ -253,6 +253,11 @@ def evaluate(
         # train on it, so tuning sees no scan any scoring model fitted.
         val = data_lib.select_folds(data_lib.load_pool(config.data), cv_folds)
     target = load_folder(data_dir, size) if data_dir else data_lib.load_split(config.data, split)
+    if cv_folds is not None and not data_dir and (target["fold"] >= 0).any():
+        raise ckpt_lib.CheckpointError(
+            f"--split={split}: cross-validation runs trained on most of train + validation;"
+            " score them on 'test' or a --data_dir"
+        )
 
     seg_fn = cls_fn = None
     run_seg_fns: list = []  # One probability function per run, for out-of-fold tuning.
@@ -331,7 +336,10 @@ def evaluate(
         tuned = evalmetrics.dice_per_scan(pp.apply(val_probs, pp_cfg), val_truth)
         protocol["tuning_scans"] = len(tuned)
         protocol["tuning_dice_all"] = float(tuned.mean())
-        protocol["tuning_lesion_dice"] = float(tuned[val_truth.any(axis=(1, 2))].mean())
+        lesion_rows = val_truth.any(axis=(1, 2))
+        protocol["tuning_lesion_dice"] = (
+            float(tuned[lesion_rows].mean()) if lesion_rows.any() else None
+        )
         val_masks = pp.apply(val_probs, pp_cfg)
         pred_masks = pp.apply(seg_fn(target["image"]), pp_cfg)
         truth = target["mask"][..., 0] > 0
@@ -441,7 +449,8 @@ def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
         )
     task = "segmentation" if parts["segmenter"] else "multitask"
     for m in members:
-        check_same_splits(config, m, "--ensemble", task)
+        # Cross-validation members differ in their held-out fold only.
+        check_same_splits(config, m, "--ensemble", task, ignore_fold=True)
     return members
 
 
@@ -468,23 +477,27 @@ def _cv_folds(runs: Sequence[pathlib.Path], parts) -> list[int] | None:
     return [int(f) for f in folds]
 
 
-def check_same_splits(config, other: pathlib.Path, flag: str, task: str) -> None:
+def check_same_splits(
+    config, other: pathlib.Path, flag: str, task: str, ignore_fold: bool = False
+) -> None:
     """Raises CheckpointError unless ``other`` holds a ``task`` run on ``config``'s data and splits.
 
-    ``flag`` names the option in the message (e.g. ``--ensemble``).
+    ``flag`` names the option in the message (e.g. ``--ensemble``);
+    ``ignore_fold`` lets cross-validation runs of other folds pass.
     """
     cfg = inference.load_config(other)
     if cfg.task != task:
         raise ckpt_lib.CheckpointError(f"{flag}: {other} holds a {cfg.task} run, not {task}")
-    if _data_identity(cfg) != _data_identity(config):
+    if _data_identity(cfg, ignore_fold) != _data_identity(config, ignore_fold):
         # A run trained on other splits may have seen the scans scored here.
         raise ckpt_lib.CheckpointError(f"{flag}: {other} was trained on other data or splits")
 
 
-def _data_identity(config) -> dict:
-    """The data config without the held-out fold (cross-validation members differ there)."""
+def _data_identity(config, ignore_fold: bool) -> dict:
+    """The data config; runs saved before ``cv_fold`` existed read as ``cv_fold=None``."""
     data = json.loads(config.data.to_json_best_effort())
-    data.pop("cv_fold", None)
+    if ignore_fold or data.get("cv_fold") is None:
+        data.pop("cv_fold", None)
     return data
 
 

@@ -116,7 +116,8 @@ def export(
         from busi_jax import postprocess as pp
 
         seg_config = evaluate.inference.load_config(seg_dir)
-        val = data_lib.load_split(seg_config.data, "validation")
+        # The run's held-out scans: validation, or its fold (cross-validation).
+        val = data_lib.load_run_split(seg_config.data, "eval")
         probs = np.asarray(jax.jit(fn_seg)(jnp.asarray(val["image"], jnp.float32) / 255.0))
         chosen, _ = pp.choose_on_validation(probs, val["mask"][..., 0] > 0)
         meta["postprocess"] = dataclasses.asdict(chosen)

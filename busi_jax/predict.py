@@ -71,7 +71,8 @@ class _Engine:
             logits = evaluate.classifier_logits(parts["classifier"])
             self.classify = lambda im, m: 1 / (1 + np.exp(-logits(im, m)))
         try:
-            val = data_lib.load_split(config.data, "validation")
+            # The run's held-out scans: validation, or its fold (cross-validation).
+            val = data_lib.load_run_split(config.data, "eval")
             self.pp_cfg, _ = pp.choose_on_validation(
                 self.segment(val["image"]), val["mask"][..., 0] > 0
             )

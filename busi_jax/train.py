@@ -606,7 +606,9 @@ class _Logger:
         for k, v in record.items():
             if isinstance(v, (int, float)) and k not in ("epoch", "step") and math.isfinite(v):
                 self.tb.add_scalar(
-                    f"{record['split']}/{k}" if k != "train_loss" else "train/loss_epoch",
+                    f"{record['split'].replace(' ', '_')}/{k}"
+                    if k != "train_loss"
+                    else "train/loss_epoch",
                     v,
                     record["step"],
                 )
@@ -779,6 +781,7 @@ def train_and_evaluate(
     eval_fn = jax.jit(functools.partial(eval_step, task=task))
     use_ema = config.ema_decay > 0
 
+    saved_epoch = meta["epoch"]  # Of the last full-state checkpoint.
     total_steps = steps_per_epoch * config.num_epochs
     bar = _progress(config, total_steps, int(state.step))
     try:
@@ -799,7 +802,7 @@ def train_and_evaluate(
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss} at step {step} (epoch {epoch}); training stopped and the"
-                        f" last good checkpoint (end of epoch {epoch - 1}) is kept in"
+                        f" last good checkpoint (end of epoch {saved_epoch}) is kept in"
                         f" {workdir}/checkpoints (try a lower config.learning_rate)"
                     )
                 loss_avg = loss_avg.merge(metrics_lib.Average.of(loss))
@@ -848,6 +851,7 @@ def train_and_evaluate(
             every = config.get("checkpoint_every_epochs", 1)
             if epoch % every == 0 or epoch == config.num_epochs or meta["stopped"]:
                 ckpts.save_latest(int(state.step), state, meta)
+                saved_epoch = epoch
             if bar is None:
                 print(
                     f"epoch {epoch}: train_loss {record['train_loss']:.4f} val {task.metric} {value:.4f}",

@@ -83,3 +83,28 @@ def test_study_swaps_in_another_classifier_and_refuses_a_wrong_one(tiny_pipeline
         )
     with pytest.raises(checkpoints.CheckpointError, match="holds no classifier"):
         descriptor_study.study(str(parts["segmenter"]), str(manual))
+
+
+def test_study_refuses_a_cross_validation_run(tiny_pipeline, tiny_data_dir, tmp_path):
+    """Its stack is fitted on validation, which a fold run mostly trained on."""
+    import json
+    import shutil
+
+    from busi_jax import checkpoints
+    from busi_jax import evaluate
+
+    _, workdir, _ = tiny_pipeline
+    parts = evaluate.resolve(workdir)
+    fold = tmp_path / "fold1"
+    shutil.copytree(parts["segmenter"], fold)
+    cfg = json.loads((fold / "config.json").read_text())
+    cfg["data"]["cv_fold"] = 1
+    (fold / "config.json").write_text(json.dumps(cfg))
+    manual = tiny_data_dir / "synthetic_manual" / "seed0_n6"
+    with pytest.raises(checkpoints.CheckpointError, match="is a cross-validation run"):
+        descriptor_study.study(str(fold), str(manual), classifier_workdir=str(parts["classifier"]))
+    # A classifier from a fold run does not pass as trained on the same splits either.
+    with pytest.raises(checkpoints.CheckpointError, match="other data or splits"):
+        evaluate.check_same_splits(
+            evaluate.inference.load_config(parts["segmenter"]), fold, "--x", "segmentation"
+        )

@@ -196,16 +196,23 @@ def test_cross_validation_ensemble_tunes_on_out_of_fold_predictions(
     assert report["segmentation"]["pixel_recall"]["mean"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("case", ["same_fold", "mixed"])
+@pytest.mark.parametrize("case", ["same_fold", "mixed", "scored_on_validation"])
 def test_cross_validation_ensemble_misuse_is_one_clear_error(tiny_pipeline, tmp_path, case):
     from busi_jax import checkpoints
 
     _, workdir, _ = tiny_pipeline
     seg = pathlib.Path(workdir) / "segmenter"
     first = _as_cv_run(seg, tmp_path / "a", 2)
+    kw = dict(n_boot=0, plots_enabled=False)
+    if case == "scored_on_validation":
+        # The fold runs trained on most of validation: no score on it.
+        other = _as_cv_run(seg, tmp_path / "b", 3)
+        with pytest.raises(checkpoints.CheckpointError, match="--split=validation: cross-valid"):
+            evaluate.evaluate(first, split="validation", ensemble=[other], **kw)
+        return
     other = _as_cv_run(seg, tmp_path / "b", 2) if case == "same_fold" else seg
     with pytest.raises(checkpoints.CheckpointError, match="different fold"):
-        evaluate.evaluate(first, ensemble=[other], n_boot=0, plots_enabled=False)
+        evaluate.evaluate(first, ensemble=[other], **kw)
 
 
 def test_classifier_paired_with_another_segmenter(tiny_pipeline, tmp_path):

@@ -69,3 +69,17 @@ def test_classifier_on_truth_masks_chooses_checkpoint_on_predicted_masks(tiny_pi
     cls.classifier.val_mask_source = "truth"
     with pytest.raises(train.ConfigError, match="val_mask_source='truth': must be"):
         train.train_and_evaluate(cls, tmp_path / "bad")
+
+
+def test_segmenter_saved_before_cross_validation_is_reused(tiny_pipeline, tmp_path):
+    """Runs whose config.json predates data.cv_fold still pair with a new classifier config."""
+    import shutil
+
+    config, workdir, _ = tiny_pipeline
+    old = tmp_path / "old_segmenter"
+    shutil.copytree(workdir / "segmenter", old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["data"]["cv_fold"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    final = pipeline._finished_segmenter(old, config.segmenter)
+    assert final == json.loads((old / "final_metrics.json").read_text())
