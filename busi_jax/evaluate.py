@@ -44,6 +44,7 @@ from busi_jax import io as busi_io
 from busi_jax import models as models_lib
 from busi_jax import plots
 from busi_jax import postprocess as pp
+from busi_jax import train as train_lib
 
 CITATION = (
     "BUSI: W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, Dataset of breast ultrasound images,"
@@ -494,11 +495,11 @@ def check_same_splits(
 
 
 def _data_identity(config, ignore_fold: bool) -> dict:
-    """The data config; runs saved before ``cv_fold`` existed read as ``cv_fold=None``."""
-    data = json.loads(config.data.to_json_best_effort())
-    if ignore_fold or data.get("cv_fold") is None:
-        data.pop("cv_fold", None)
-    return data
+    """The data config as resuming compares it, without the held-out fold if ``ignore_fold``."""
+    data = train_lib.config_identity(
+        {"data": json.loads(config.data.to_json_best_effort())}, "data"
+    )
+    return {k: v for k, v in data.items() if not (ignore_fold and k == "cv_fold")}
 
 
 def _segmentation_plots(out_dir, stem, target, truth, pred, scores, seg_report):

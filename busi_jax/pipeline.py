@@ -58,8 +58,8 @@ def _finished_segmenter(seg_dir: pathlib.Path, seg_cfg) -> dict:
             f"config.segmenter_workdir={seg_dir}: holds a {old.get('task')} run"
         )
     data = json.loads(seg_cfg.data.to_json_best_effort())
-    # Through train._identity: runs saved before a data field existed match.
-    if train._identity(old, "data") != train._identity({"data": data}, "data"):
+    # As resuming compares it: runs saved before a data field existed match.
+    if train.config_identity(old, "data") != train.config_identity({"data": data}, "data"):
         raise train.ConfigError(
             f"config.segmenter_workdir={seg_dir}: trained on other data or splits ({old.get('data')})"
         )

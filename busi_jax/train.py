@@ -643,7 +643,7 @@ def check_workdir(
     if cfg_path.exists():
         old = json.loads(cfg_path.read_text())
         for field in ("task", "model", "data", "classifier"):
-            if _identity(old, field) != _identity(new, field):
+            if config_identity(old, field) != config_identity(new, field):
                 raise ConfigError(
                     f"--workdir {workdir} holds a run with a different config.{field}"
                     f" ({json.dumps(old.get(field))[:200]}); use a fresh --workdir to train another one"
@@ -659,7 +659,13 @@ def check_workdir(
 SPEED_ONLY_MODEL_OPTIONS = ("wgrad", "wgrad_chunks")
 
 
-def _identity(cfg: dict, field: str):
+def config_identity(cfg: dict, field: str):
+    """``cfg[field]`` of a saved or new config (a dict) as what makes a run the same run.
+
+    Speed-only options are dropped, and so are fields that older runs lack
+    when they hold their defaults, so a workdir, a paired segmenter or an
+    ensemble member saved before such a field existed still matches.
+    """
     value = cfg.get(field)
     if field == "model" and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in SPEED_ONLY_MODEL_OPTIONS}
