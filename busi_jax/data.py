@@ -206,15 +206,11 @@ def load_run_split(data_config: Mapping, role: str) -> dict[str, np.ndarray]:
 
 
 def load_pool(data_config: Mapping) -> dict[str, np.ndarray]:
-    """``train_split`` and ``eval_split`` concatenated: the scans cross-validation deals out.
-
-    Adds ``in_eval_split`` ``[N]`` bool, True for the rows of ``eval_split``.
-    """
-    train = load_split(data_config, data_config["train_split"])
-    held = load_split(data_config, data_config["eval_split"])
-    pool = concat(train, held)
-    pool["in_eval_split"] = np.arange(len(pool["label"])) >= len(train["label"])
-    return pool
+    """``train_split`` and ``eval_split`` concatenated: the scans cross-validation deals out."""
+    return concat(
+        load_split(data_config, data_config["train_split"]),
+        load_split(data_config, data_config["eval_split"]),
+    )
 
 
 def select_folds(arrays: Mapping[str, np.ndarray], folds) -> dict[str, np.ndarray]:
