@@ -19,6 +19,13 @@ never on the data being scored.
 one trained on ground-truth masks on predicted ones); ``--ensemble`` averages
 the lesion probabilities of several segmenters (or the probabilities and
 logits of several multitask runs) trained on the same splits.
+
+Cross-validation runs (``data.cv_fold``) passed as ``--workdir=FOLD0
+--ensemble=FOLD1,...`` are averaged on test, and post-processing is chosen
+on their out-of-fold predictions of train + validation. A classifier trained
+on such runs' out-of-fold masks (``classifier.segmenter_workdir=FOLD0,...``)
+is scored on the same fold ensemble's test masks, its temperature set on the
+validation split's out-of-fold masks.
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ def resolve(workdir: str | os.PathLike[str]) -> dict[str, pathlib.Path | None]:
     elif config.task == "classification":
         out["classifier"] = workdir
         if "predicted" in (config.classifier.mask_source, inference.validation_mask_source(config)):
-            out["segmenter"] = pathlib.Path(config.classifier.segmenter_workdir)
+            # Out-of-fold fold runs: the first; evaluate() adds the others.
+            out["segmenter"] = inference.segmenter_workdirs(config.classifier.segmenter_workdir)[0]
     return out
 
 
@@ -232,6 +240,14 @@ def evaluate(
             "--segmenter_workdir",
             "segmentation",
         )
+    oof_runs = [] if forced_masks else _classifier_fold_runs(parts)
+    if oof_runs:
+        if ensemble:
+            raise ckpt_lib.CheckpointError(
+                f"--ensemble: {workdir}'s classifier was trained on the out-of-fold masks of"
+                " its own cross-validation runs, which are its segmenter ensemble"
+            )
+        ensemble = oof_runs[1:]
     main = parts["segmenter"] or parts["multitask"] or parts["classifier"]
     config = inference.load_config(main)
     members = _ensemble_members(parts, config, ensemble)
@@ -246,7 +262,7 @@ def evaluate(
     stem = out_json.stem
 
     runs = [r for r in (parts["segmenter"] or parts["multitask"],) if r] + members
-    cv_folds = _cv_folds(runs, parts)
+    cv_folds = _cv_folds(runs, parts, oof_classifier=bool(oof_runs))
     if cv_folds is None:
         val = data_lib.load_split(config.data, "validation")
     else:
@@ -354,8 +370,20 @@ def evaluate(
             _segmentation_plots(out_dir, stem, target, truth, pred_masks, scores, seg_report)
 
     if cls_fn is not None:
+        cls_val, cls_val_masks = val, val_masks
+        if cv_folds is not None:
+            # The classifier fitted the train split's scans: only the
+            # validation split's out-of-fold masks are new to it.
+            eval_split = data_lib.load_split(config.data, config.data.eval_split)
+            keep = np.isin(val["file_name"], eval_split["file_name"])
+            cls_val = {k: v[keep] for k, v in val.items()}
+            cls_val_masks = None if val_masks is None else val_masks[keep]
+            protocol["tuned_on"] += (
+                f"; classifier temperature on the {int(keep.sum())} {config.data.eval_split}"
+                " scans among them"
+            )
         cls_report, probs_all = _classify(
-            cls_fn, parts, val, target, val_masks, pred_masks, n_boot, forced_masks
+            cls_fn, parts, cls_val, target, cls_val_masks, pred_masks, n_boot, forced_masks
         )
         report["classification"] = cls_report
         per_scan["malignancy_probability"] = probs_all
@@ -455,12 +483,30 @@ def _ensemble_members(parts, config, ensemble) -> list[pathlib.Path]:
     return members
 
 
-def _cv_folds(runs: Sequence[pathlib.Path], parts) -> list[int] | None:
+def _classifier_fold_runs(parts) -> list[pathlib.Path]:
+    """The cross-validation runs whose out-of-fold masks the classifier trained on, or []."""
+    if not parts["classifier"]:
+        return []
+    cfg = inference.load_config(parts["classifier"])
+    if "predicted" not in (cfg.classifier.mask_source, inference.validation_mask_source(cfg)):
+        return []
+    runs = inference.segmenter_workdirs(cfg.classifier.segmenter_workdir)
+    if len(runs) < 2:
+        return []
+    for run in runs:
+        check_same_splits(cfg, run, "classifier.segmenter_workdir", "segmentation", True)
+    return runs
+
+
+def _cv_folds(
+    runs: Sequence[pathlib.Path], parts, oof_classifier: bool = False
+) -> list[int] | None:
     """The held-out folds of cross-validation runs (one each), or None for runs on the splits.
 
     Raises:
         CheckpointError: runs mix the two, share a fold, or (for now) a
-            classifier or multitask head would need out-of-fold logits.
+            multitask head, or a classifier not trained on these runs'
+            out-of-fold masks, would be scored with them.
     """
     folds = [inference.load_config(r).data.get("cv_fold") for r in runs]
     if all(f is None for f in folds):
@@ -470,10 +516,11 @@ def _cv_folds(runs: Sequence[pathlib.Path], parts) -> list[int] | None:
             "--ensemble: cross-validation runs must each hold out a different fold and cannot be"
             f" mixed with runs trained on the splits (held-out folds: {folds})"
         )
-    if parts["classifier"] or parts["multitask"]:
+    if (parts["classifier"] and not oof_classifier) or parts["multitask"]:
         raise ckpt_lib.CheckpointError(
-            "cross-validation runs are scored as segmenters only: pair a classifier with a"
-            " segmenter trained on the splits"
+            "cross-validation runs are scored as segmenters, or with a classifier trained on"
+            " their out-of-fold masks (classifier.segmenter_workdir=FOLD0,FOLD1,...): pair"
+            " other classifiers with a segmenter trained on the splits"
         )
     return [int(f) for f in folds]
 

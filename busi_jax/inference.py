@@ -101,13 +101,13 @@ def _check_amx() -> None:
     conv.amx_selftest()
 
 
-def mask_predictor(
+def probability_predictor(
     workdir: str | pathlib.Path, batch_size: int = 32, kernels: str = "xla"
-) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``images [N, S, S, 1] uint8 -> masks [N, S, S, 1] uint8 {0, 1}``.
+) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """``(images [N, S, S, 1] uint8 -> lesion probabilities [N, S, S, 1], threshold)``.
 
-    Uses the segmenter's (or multitask net's) best checkpoint and its training
-    threshold; ``kernels`` as in :func:`load_model`.
+    Uses the segmenter's (or multitask net's) best checkpoint; the threshold
+    is its training threshold; ``kernels`` as in :func:`load_model`.
     """
     config, model, variables = load_model(workdir, kernels)
     threshold = float(config.get("threshold", 0.5))
@@ -128,7 +128,110 @@ def mask_predictor(
             pad = batch_size - len(chunk)
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)]) if pad else chunk
             out.append(np.asarray(prob(padded))[: len(chunk)])
-        p = np.concatenate(out) if out else np.zeros(images.shape, np.float32)
-        return (p >= threshold).astype(np.uint8)
+        return np.concatenate(out) if out else np.zeros(images.shape, np.float32)
 
-    return predict
+    return predict, threshold
+
+
+def mask_predictor(
+    workdir: str | pathlib.Path, batch_size: int = 32, kernels: str = "xla"
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A function ``images [N, S, S, 1] uint8 -> masks [N, S, S, 1] uint8 {0, 1}``.
+
+    Uses the segmenter's (or multitask net's) best checkpoint and its training
+    threshold; ``kernels`` as in :func:`load_model`.
+    """
+    probs, threshold = probability_predictor(workdir, batch_size, kernels)
+    return lambda images: (probs(images) >= threshold).astype(np.uint8)
+
+
+def segmenter_workdirs(setting: str) -> list[pathlib.Path]:
+    """``classifier.segmenter_workdir`` as run folders: one, or comma-separated fold runs."""
+    return [pathlib.Path(p.strip()).expanduser() for p in str(setting).split(",") if p.strip()]
+
+
+class FoldMasks:
+    """Masks from k-fold cross-validation runs (``data.cv_fold``), none from a run that saw the scan.
+
+    A classifier trained on one segmenter's masks of its own training scans
+    learns from masks better than any it will meet on new scans (the
+    segmenter fitted those scans). With one run per fold, each scan of the
+    train + validation pool is masked by the run that held its fold out, as
+    a new scan would be; scans outside the folds (``fold < 0``: the test
+    split, other folders) by the runs' mean probability.
+
+    Call as ``masks(images [N, S, S, 1] uint8, folds [N] int)`` ->
+    ``[N, S, S, 1] uint8 {0, 1}``; without ``folds`` every scan is taken as
+    outside the folds.
+
+    Raises (on construction):
+      ckpt_lib.CheckpointError: a run is not a cross-validation run, two runs
+        hold out the same fold, or runs differ in data or splits.
+    """
+
+    by_fold = True  # train.prepare_arrays passes each scan's fold.
+
+    def __init__(self, workdirs, batch_size: int = 32, kernels: str = "xla"):
+        self.workdirs = [pathlib.Path(w) for w in workdirs]
+        self.configs = [load_config(w) for w in self.workdirs]
+        folds = [c.data.get("cv_fold") for c in self.configs]
+        if any(f is None for f in folds) or len(set(folds)) != len(folds):
+            raise ckpt_lib.CheckpointError(
+                "segmenter_workdir: several runs must be cross-validation runs (data.cv_fold),"
+                f" each holding out a different fold; got held-out folds {folds}"
+                f" for {[str(w) for w in self.workdirs]}"
+            )
+        identities = {json.dumps(self.data_identity(c.data), sort_keys=True) for c in self.configs}
+        if len(identities) != 1:
+            raise ckpt_lib.CheckpointError(
+                f"segmenter_workdir: the fold runs {[str(w) for w in self.workdirs]} were trained"
+                " on other data or splits"
+            )
+        self.folds = [int(f) for f in folds]
+        self._probs = [probability_predictor(w, batch_size, kernels) for w in self.workdirs]
+
+    @staticmethod
+    def data_identity(data: ml_collections.ConfigDict) -> dict:
+        """A data config as runs compare it, less the held-out fold."""
+        from busi_jax import train  # train imports this module.
+
+        value = train.config_identity({"data": json.loads(data.to_json_best_effort())}, "data")
+        return {k: v for k, v in value.items() if k != "cv_fold"}
+
+    def check_data(self, data: ml_collections.ConfigDict, who: str) -> None:
+        """Raises CheckpointError unless ``data`` deals scans to the runs' folds."""
+        if self.data_identity(data) != self.data_identity(self.configs[0].data):
+            # Other splits or seeds deal other folds: "held out" would not hold.
+            raise ckpt_lib.CheckpointError(
+                f"{who}: the fold runs {[str(w) for w in self.workdirs]} were trained on other"
+                " data or splits"
+            )
+
+    def __call__(self, images: np.ndarray, folds: np.ndarray | None = None) -> np.ndarray:
+        folds = np.full(len(images), -1) if folds is None else np.asarray(folds)
+        missing = sorted(set(np.unique(folds[folds >= 0]).tolist()) - set(self.folds))
+        if missing:
+            raise ckpt_lib.CheckpointError(
+                f"segmenter_workdir: no run holds out fold(s) {missing}; their scans would be"
+                f" masked by runs that trained on them (runs hold out {sorted(self.folds)})"
+            )
+        masks = np.zeros(images.shape, np.uint8)
+        outside = folds < 0
+        if outside.any():
+            mean = np.mean([p(images[outside]) for p, _ in self._probs], axis=0)
+            threshold = float(np.mean([t for _, t in self._probs]))
+            masks[outside] = mean >= threshold
+        for fold, (probs, threshold) in zip(self.folds, self._probs):
+            rows = folds == fold
+            if rows.any():
+                masks[rows] = probs(images[rows]) >= threshold
+        return masks
+
+
+def segmenter_masks(setting: str, kernels: str = "xla") -> Callable[..., np.ndarray]:
+    """The mask predictor ``classifier.segmenter_workdir`` names: :func:`mask_predictor` of one
+    run, or :class:`FoldMasks` of comma-separated cross-validation runs."""
+    workdirs = segmenter_workdirs(setting)
+    if len(workdirs) == 1:
+        return mask_predictor(workdirs[0], kernels=kernels)
+    return FoldMasks(workdirs, kernels=kernels)

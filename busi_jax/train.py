@@ -481,7 +481,9 @@ def prepare_arrays(
         arrays: scans as loaded by :func:`busi_jax.data.load_split` or
             :func:`busi_jax.data.load_run_split`.
         predicted_masks: for classification with predicted masks, ``images
-            [N, H, W, 1] uint8 -> masks [N, H, W, 1] uint8``.
+            [N, H, W, 1] uint8 -> masks [N, H, W, 1] uint8``; one with a true
+            ``by_fold`` attribute (:class:`busi_jax.inference.FoldMasks`) is
+            also given each scan's ``fold``.
         mask_source: overrides ``config.classifier.mask_source`` for this split.
 
     Returns:
@@ -497,7 +499,10 @@ def prepare_arrays(
                     "config.classifier.mask_source='predicted' needs"
                     " config.classifier.segmenter_workdir (a trained segmenter's workdir)"
                 )
-            arrays["mask"] = predicted_masks(arrays["image"])
+            if getattr(predicted_masks, "by_fold", False):  # inference.FoldMasks
+                arrays["mask"] = predicted_masks(arrays["image"], arrays["fold"])
+            else:
+                arrays["mask"] = predicted_masks(arrays["image"])
         elif mask_source != "ground_truth":
             raise ConfigError(
                 f"config.classifier.mask_source must be 'predicted' or 'ground_truth',"
@@ -717,7 +722,9 @@ def train_and_evaluate(
                 "config.classifier.segmenter_workdir is empty: classification on predicted masks needs a"
                 " trained segmenter (or set config.classifier.mask_source='ground_truth')"
             )
-        predicted_masks = inference.mask_predictor(config.classifier.segmenter_workdir)
+        predicted_masks = inference.segmenter_masks(config.classifier.segmenter_workdir)
+        if isinstance(predicted_masks, inference.FoldMasks):
+            predicted_masks.check_data(config.data, "config.classifier.segmenter_workdir")
 
     train = prepare_arrays(config, data_lib.load_run_split(config.data, "train"), predicted_masks)
     val = prepare_arrays(

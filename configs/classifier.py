@@ -1,6 +1,8 @@
 """The paper's CNN classifier: benign vs malignant from the scan plus a predicted mask.
 
-Needs a trained segmenter: --config.classifier.segmenter_workdir=DIR. For the
+Needs a trained segmenter: --config.classifier.segmenter_workdir=DIR, or
+out-of-fold masks from cross-validation runs (configs/sunet_cv.py):
+--config.classifier.segmenter_workdir=FOLD0,FOLD1,FOLD2,FOLD3,FOLD4. For the
 ground-truth-mask ablation: --config.classifier.mask_source=ground_truth.
 """
 

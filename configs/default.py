@@ -81,9 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.classifier.mask_source = (
         "predicted"  # 'predicted' (from segmenter_workdir) | 'ground_truth' (ablation).
     )
-    config.classifier.segmenter_workdir = ml_collections.config_dict.placeholder(
-        str
-    )  # Trained segmenter for predicted masks.
+    # Trained segmenter for predicted masks; or comma-separated cross-validation
+    # runs (data.cv_fold), one per fold: each train/validation scan is then
+    # masked by the run that held it out (inference.FoldMasks).
+    config.classifier.segmenter_workdir = ml_collections.config_dict.placeholder(str)
     # 'same' (validation masks as mask_source) | 'predicted': the checkpoint is
     # chosen on the segmenter's validation masks, the masks it is deployed with.
     config.classifier.val_mask_source = "same"
