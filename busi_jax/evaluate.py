@@ -62,15 +62,25 @@ CITATION = (
 # --- Which models a workdir holds ---------------------------------------------
 
 
-def resolve(workdir: str | os.PathLike[str]) -> dict[str, pathlib.Path | None]:
+def resolve(
+    workdir: str | os.PathLike[str], fold_runs_ok: bool = False
+) -> dict[str, pathlib.Path | None]:
     """Finds the segmenter and classifier workdirs behind ``workdir``.
+
+    Args:
+      workdir: a training or pipeline workdir.
+      fold_runs_ok: accept a classifier trained on the out-of-fold masks of
+        several cross-validation runs (``segmenter`` is then the first;
+        :func:`evaluate` adds the others). Other callers deploy one
+        segmenter and get an error instead of silently using one fold.
 
     Returns:
       ``{'segmenter': path or None, 'classifier': path or None, 'multitask':
       path or None}``.
 
     Raises:
-      ckpt_lib.CheckpointError: ``workdir`` is not a training workdir.
+      ckpt_lib.CheckpointError: ``workdir`` is not a training workdir, or
+        (without ``fold_runs_ok``) its classifier names several fold runs.
     """
     workdir = pathlib.Path(workdir).expanduser()
     out: dict[str, pathlib.Path | None] = {"segmenter": None, "classifier": None, "multitask": None}
@@ -89,8 +99,14 @@ def resolve(workdir: str | os.PathLike[str]) -> dict[str, pathlib.Path | None]:
     elif config.task == "classification":
         out["classifier"] = workdir
         if "predicted" in (config.classifier.mask_source, inference.validation_mask_source(config)):
-            # Out-of-fold fold runs: the first; evaluate() adds the others.
-            out["segmenter"] = inference.segmenter_workdirs(config.classifier.segmenter_workdir)[0]
+            runs = inference.segmenter_workdirs(config.classifier.segmenter_workdir)
+            if len(runs) > 1 and not fold_runs_ok:
+                raise ckpt_lib.CheckpointError(
+                    f"{workdir}: its classifier was trained on the out-of-fold masks of"
+                    f" {len(runs)} cross-validation runs; this command takes one segmenter"
+                    " (python -m busi_jax.evaluate scores the fold ensemble)"
+                )
+            out["segmenter"] = runs[0] if runs else None
     return out
 
 
@@ -225,7 +241,7 @@ def evaluate(
     if postprocess not in ("auto", "none"):
         raise ValueError(f"--postprocess must be 'auto' or 'none', got {postprocess!r}")
     workdir = pathlib.Path(workdir).expanduser()
-    parts = resolve(workdir)
+    parts = resolve(workdir, fold_runs_ok=True)
     forced_masks = segmenter_workdir is not None
     if forced_masks:
         if not parts["classifier"]:
@@ -493,6 +509,12 @@ def _classifier_fold_runs(parts) -> list[pathlib.Path]:
     runs = inference.segmenter_workdirs(cfg.classifier.segmenter_workdir)
     if len(runs) < 2:
         return []
+    if cfg.data.get("cv_fold") is not None:
+        # Its temperature would be set on validation scans it trained on.
+        raise ckpt_lib.CheckpointError(
+            f"{parts['classifier']}: a classifier on out-of-fold masks trains on the splits,"
+            f" not on a cross-validation fold (data.cv_fold={cfg.data.cv_fold})"
+        )
     for run in runs:
         check_same_splits(cfg, run, "classifier.segmenter_workdir", "segmentation", True)
     return runs

@@ -147,6 +147,8 @@ def mask_predictor(
 
 def segmenter_workdirs(setting: str) -> list[pathlib.Path]:
     """``classifier.segmenter_workdir`` as run folders: one, or comma-separated fold runs."""
+    if setting is None:
+        return []
     return [pathlib.Path(p.strip()).expanduser() for p in str(setting).split(",") if p.strip()]
 
 
@@ -174,6 +176,12 @@ class FoldMasks:
     def __init__(self, workdirs, batch_size: int = 32, kernels: str = "xla"):
         self.workdirs = [pathlib.Path(w) for w in workdirs]
         self.configs = [load_config(w) for w in self.workdirs]
+        for w, c in zip(self.workdirs, self.configs):
+            if c.task != "segmentation":
+                raise ckpt_lib.CheckpointError(
+                    f"segmenter_workdir: {w} holds a {c.task} run; out-of-fold masks come from"
+                    " segmenter runs"
+                )
         folds = [c.data.get("cv_fold") for c in self.configs]
         if any(f is None for f in folds) or len(set(folds)) != len(folds):
             raise ckpt_lib.CheckpointError(
@@ -232,6 +240,8 @@ def segmenter_masks(setting: str, kernels: str = "xla") -> Callable[..., np.ndar
     """The mask predictor ``classifier.segmenter_workdir`` names: :func:`mask_predictor` of one
     run, or :class:`FoldMasks` of comma-separated cross-validation runs."""
     workdirs = segmenter_workdirs(setting)
-    if len(workdirs) == 1:
+    if len(workdirs) == 1 and load_config(workdirs[0]).data.get("cv_fold") is None:
         return mask_predictor(workdirs[0], kernels=kernels)
+    # A lone fold run too: its own training scans must not get its masks, so
+    # FoldMasks refuses the folds no run held out.
     return FoldMasks(workdirs, kernels=kernels)

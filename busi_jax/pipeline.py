@@ -32,6 +32,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
     # scans were never seen by the segmenter either.
     cls_cfg.data = ml_collections.ConfigDict(seg_cfg.data.to_dict())
     reuse = config.get("segmenter_workdir")
+    if reuse and "," in str(reuse):
+        raise train.ConfigError(
+            f"config.segmenter_workdir={reuse}: a pipeline takes one segmenter; for out-of-fold"
+            " masks of cross-validation runs, train configs/classifier.py with"
+            " --config.classifier.segmenter_workdir=FOLD0,FOLD1,..."
+        )
     if reuse:
         seg_dir = pathlib.Path(reuse).expanduser().absolute()
         seg = _finished_segmenter(seg_dir, seg_cfg)

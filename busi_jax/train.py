@@ -725,6 +725,12 @@ def train_and_evaluate(
         predicted_masks = inference.segmenter_masks(config.classifier.segmenter_workdir)
         if isinstance(predicted_masks, inference.FoldMasks):
             predicted_masks.check_data(config.data, "config.classifier.segmenter_workdir")
+            if config.data.get("cv_fold") is not None:
+                raise ConfigError(
+                    "config.classifier.segmenter_workdir names cross-validation runs: train the"
+                    " classifier on the splits (data.cv_fold unset), so its validation scans"
+                    " stay out of its training"
+                )
 
     train = prepare_arrays(config, data_lib.load_run_split(config.data, "train"), predicted_masks)
     val = prepare_arrays(

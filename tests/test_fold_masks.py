@@ -27,16 +27,25 @@ def _fold_runs(tiny_pipeline, tmp_path, folds):
     return runs
 
 
-def _constant_probabilities(monkeypatch, values):
-    """Each run predicts one constant probability everywhere: masks show which run ran."""
-    monkeypatch.setattr(
-        inference,
-        "probability_predictor",
-        lambda path, *a, **k: (
-            lambda im: np.full(im.shape, values[pathlib.Path(path)], np.float32),
-            0.5,
-        ),
-    )
+BAND = 8  # Rows per run's signature band.
+COMMON = slice(100, 128)  # Rows every run calls lesion.
+
+
+def _signature_probabilities(monkeypatch, runs):
+    """Run k calls lesion in its own band of rows (and every run in COMMON): a mask shows its run."""
+    band = {path: i for i, path in enumerate(runs)}
+
+    def predictor(path, *args, **kwargs):
+        def probs(images):
+            p = np.full(images.shape, 0.1, np.float32)
+            i = band[pathlib.Path(path)]
+            p[:, i * BAND : (i + 1) * BAND] = 0.9
+            p[:, COMMON] = 0.9
+            return p
+
+        return probs, 0.5
+
+    monkeypatch.setattr(inference, "probability_predictor", predictor)
 
 
 def _pool(tiny_pipeline):
@@ -47,28 +56,28 @@ def _pool(tiny_pipeline):
 def test_each_scan_is_masked_by_the_run_that_held_it_out(tiny_pipeline, tmp_path, monkeypatch):
     pool = _pool(tiny_pipeline)
     folds = sorted(set(pool["fold"].tolist()))
-    assert len(folds) >= 2
+    assert len(folds) >= 3
     runs = _fold_runs(tiny_pipeline, tmp_path, folds)
-    # The first fold's run says lesion everywhere, the others nowhere; their
-    # mean (outside the folds) says lesion only if enough of them do.
-    values = {runs[f]: (0.9 if f == folds[0] else 0.2) for f in folds}
-    _constant_probabilities(monkeypatch, values)
-    masks = inference.segmenter_masks(",".join(str(runs[f]) for f in folds))
+    order = [runs[f] for f in folds]
+    _signature_probabilities(monkeypatch, order)
+    masks = inference.segmenter_masks(",".join(str(r) for r in order))
     assert isinstance(masks, inference.FoldMasks)
-    out = masks(pool["image"], pool["fold"])
-    per_scan = out.reshape(len(out), -1)
-    np.testing.assert_array_equal(per_scan.min(1), per_scan.max(1))  # One constant per scan.
-    np.testing.assert_array_equal(per_scan[:, 0], (pool["fold"] == folds[0]).astype(np.uint8))
-    mean = np.mean(list(values.values()))
-    outside = masks(pool["image"][:3])  # No folds given: outside every fold.
-    assert (outside == (mean >= 0.5)).all()
+    out = masks(pool["image"], pool["fold"])[..., 0]
+    bands = out[:, : len(folds) * BAND].reshape(len(out), len(folds), BAND, -1).min(axis=(2, 3))
+    # Each scan carries exactly its own fold's run's band, never another run's.
+    expected = np.asarray([[f == g for g in folds] for f in pool["fold"]], np.uint8)
+    np.testing.assert_array_equal(bands, expected)
+    assert out[:, COMMON].all()
+    # Outside the folds (no folds given): the runs' mean, 0.9 only where all agree.
+    outside = masks(pool["image"][:3])[..., 0]
+    assert outside[:, COMMON].all() and not outside[:, : len(folds) * BAND].any()
 
 
 def test_fold_masks_misuse_is_one_clear_error(tiny_pipeline, tmp_path, monkeypatch):
     pool = _pool(tiny_pipeline)
     folds = sorted(set(pool["fold"].tolist()))
     runs = _fold_runs(tiny_pipeline, tmp_path, folds)
-    _constant_probabilities(monkeypatch, {r: 0.9 for r in runs.values()})
+    _signature_probabilities(monkeypatch, list(runs.values()))
     # A fold without its run: its scans would be masked by runs that fitted them.
     partial = inference.FoldMasks([runs[f] for f in folds[1:]])
     with pytest.raises(
@@ -85,6 +94,10 @@ def test_fold_masks_misuse_is_one_clear_error(tiny_pipeline, tmp_path, monkeypat
     (runs[folds[1]] / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ckpt_lib.CheckpointError, match="trained on other data or splits"):
         inference.FoldMasks([runs[folds[0]], runs[folds[1]]])
+    # A lone fold run is not a plain segmenter: its training scans are refused.
+    lone = inference.segmenter_masks(str(runs[folds[0]]))
+    with pytest.raises(ckpt_lib.CheckpointError, match="no run holds out fold"):
+        lone(pool["image"], pool["fold"])
     good = inference.FoldMasks([runs[folds[0]], runs[folds[2]]])
     other = ml_collections.ConfigDict(dict(cfg["data"]))
     with pytest.raises(ckpt_lib.CheckpointError, match="trained on other data or splits"):
@@ -117,8 +130,29 @@ def test_classifier_trains_and_is_scored_on_out_of_fold_masks(tiny_pipeline, tmp
     report = evaluate.evaluate(out, n_boot=0, plots_enabled=False)
     protocol = report["protocol"]
     assert protocol["ensemble"] == [str(runs[f]) for f in folds[1:]]
-    assert "classifier temperature on the" in protocol["tuned_on"]
+    # Temperature only on validation-split scans: the classifier fitted the rest.
+    n_val = len(data.load_split(cls.data, "validation")["file_name"])
+    assert f"classifier temperature on the {n_val} validation scans" in protocol["tuned_on"]
+    assert protocol["tuning_scans"] > n_val
     assert report["classification"]["masks"] == "predicted"
     # A second segmenter ensemble on top is refused, not silently merged.
     with pytest.raises(ckpt_lib.CheckpointError, match="its segmenter ensemble"):
         evaluate.evaluate(out, ensemble=[runs[folds[0]]], n_boot=0, plots_enabled=False)
+
+    # predict and export deploy one segmenter: refused, not fold 0 alone.
+    with pytest.raises(ckpt_lib.CheckpointError, match="takes one segmenter"):
+        evaluate.resolve(out)
+    # Nor may the classifier be a fold run itself (its validation scans would be in training).
+    cls.data.cv_fold = folds[0]
+    with pytest.raises(train.ConfigError, match="train the classifier on the splits"):
+        train.train_and_evaluate(cls, tmp_path / "classifier_fold")
+
+
+def test_pipeline_refuses_several_segmenters(tiny_pipeline, tmp_path):
+    from busi_jax import pipeline
+
+    config, _, _ = tiny_pipeline
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.segmenter_workdir = "a,b"
+    with pytest.raises(train.ConfigError, match="a pipeline takes one segmenter"):
+        pipeline.run(config, tmp_path / "p")
