@@ -565,10 +565,7 @@ def check_same_splits(
 
 def _data_identity(config, ignore_fold: bool) -> dict:
     """The data config as resuming compares it, without the held-out fold if ``ignore_fold``."""
-    data = train_lib.config_identity(
-        {"data": json.loads(config.data.to_json_best_effort())}, "data"
-    )
-    return {k: v for k, v in data.items() if not (ignore_fold and k == "cv_fold")}
+    return train_lib.data_identity(config.data, ignore_fold)
 
 
 def _segmentation_plots(out_dir, stem, target, truth, pred, scores, seg_report):

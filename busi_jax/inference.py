@@ -203,8 +203,7 @@ class FoldMasks:
         """A data config as runs compare it, less the held-out fold."""
         from busi_jax import train  # train imports this module.
 
-        value = train.config_identity({"data": json.loads(data.to_json_best_effort())}, "data")
-        return {k: v for k, v in value.items() if k != "cv_fold"}
+        return train.data_identity(data, ignore_fold=True)
 
     def check_data(self, data: ml_collections.ConfigDict, who: str) -> None:
         """Raises CheckpointError unless ``data`` deals scans to the runs' folds."""

@@ -683,6 +683,16 @@ def config_identity(cfg: dict, field: str):
     return value
 
 
+def data_identity(data: ml_collections.ConfigDict, ignore_fold: bool = False) -> dict:
+    """A data config as runs compare it (:func:`config_identity`), less ``cv_fold`` if ``ignore_fold``.
+
+    Runs that differ only in their held-out fold (cross-validation members)
+    deal the same scans to the same folds.
+    """
+    value = config_identity({"data": json.loads(data.to_json_best_effort())}, "data")
+    return {k: v for k, v in value.items() if not (ignore_fold and k == "cv_fold")}
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike[str],
