@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from busi_jax.models.blocks import CAM_PREFIX
+from busi_jax.models.classifier import classifier_inputs, roi_boxes, uncrop_boxes
 from busi_jax.models.multitask import MultiTaskUNet
 
 TARGETS = ("segmentation", "classification")
@@ -302,6 +303,27 @@ def make_gradcam(
     return cam_fn
 
 
+def classifier_cam(model, variables, images: jax.Array, masks: jax.Array, mode: str) -> jax.Array:
+    """Grad-CAM of a segmentation-guided classifier, on the scan's own pixels.
+
+    Args:
+      model, variables: the classifier and its variables.
+      images: ``[N, S, S, 1]`` scans in [0, 1].
+      masks: ``[N, S, S, 1]`` the masks it is fed (predicted ones in use).
+      mode: its ``config.classifier.input_mode``.
+
+    Returns:
+      ``[N, S, S]`` maps in [0, 1]. For mode 'roi' the network saw each
+      lesion's close-up, so its map is put back where the crop came from
+      (zero outside the crop); mode 'image_mask_roi' mixes both frames in
+      its channels and is shown in the scan's frame as computed.
+    """
+    cam = gradcam(model, variables, classifier_inputs(images, masks, mode), target="classification")
+    if mode == "roi":
+        cam = uncrop_boxes(cam[..., None], roi_boxes(masks))[..., 0]
+    return cam
+
+
 def workdir_cams(seg_dir, cls_dir=None) -> Callable[..., tuple[np.ndarray, np.ndarray | None]]:
     """Grad-CAM of a trained segmenter (and classifier) loaded from their workdirs.
 
@@ -316,7 +338,6 @@ def workdir_cams(seg_dir, cls_dir=None) -> Callable[..., tuple[np.ndarray, np.nd
       without a classifier.
     """
     from busi_jax import inference
-    from busi_jax import models as models_lib
 
     _, seg_model, seg_vars = inference.load_model(seg_dir)
     cls = inference.load_model(cls_dir) if cls_dir else None
@@ -327,10 +348,9 @@ def workdir_cams(seg_dir, cls_dir=None) -> Callable[..., tuple[np.ndarray, np.nd
         cls_cam = None
         if cls is not None:
             config, model, variables = cls
-            inp = models_lib.classifier_inputs(
-                x, jnp.asarray(masks[..., None], jnp.float32), config.classifier.input_mode
-            )
-            cls_cam = np.asarray(gradcam(model, variables, inp, target="classification"))
+            m = jnp.asarray(masks[..., None], jnp.float32)
+            mode = config.classifier.input_mode
+            cls_cam = np.asarray(classifier_cam(model, variables, x, m, mode))
         return seg_cam, cls_cam
 
     return run

@@ -77,7 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.mask_level_range = (0.5, 0.5)  # Classifier only: re-threshold levels.
 
     config.classifier = ml_collections.ConfigDict()
-    config.classifier.input_mode = "image_mask"  # 'image' | 'image_mask' | 'masked'.
+    config.classifier.input_mode = "image_mask"  # image, image_mask, masked, roi, image_mask_roi.
     config.classifier.mask_source = (
         "predicted"  # 'predicted' (from segmenter_workdir) | 'ground_truth' (ablation).
     )

@@ -31,6 +31,9 @@ from busi_jax.models import (
     UNetPlusPlus,
     classifier_input_channels,
     classifier_inputs,
+    crop_boxes,
+    roi_boxes,
+    uncrop_boxes,
     create_model,
     model_options,
 )
@@ -587,6 +590,46 @@ def test_classifier_inputs_modes():
         classifier_inputs(image, mask, "crop")
     with pytest.raises(ValueError):
         classifier_inputs(image, None, "masked")
+
+
+def test_roi_crop_known_answer():
+    # A 40x20 lesion at rows 40-59, cols 50-89 of a 128 scan: its box is 40
+    # wide plus a quarter on each side (side 60), centred on the lesion.
+    mask = jnp.zeros((2, 128, 128, 1)).at[0, 40:60, 50:90, 0].set(1.0)
+    boxes = roi_boxes(mask)
+    np.testing.assert_allclose(boxes[0], [20.0, 40.0, 60.0])
+    np.testing.assert_allclose(boxes[1], [0.0, 0.0, 128.0])  # empty: the whole scan
+    # A 2-pixel lesion is not blown up past a quarter of the scan.
+    tiny = jnp.zeros((1, 128, 128, 1)).at[0, 10:12, 10:12, 0].set(1.0)
+    np.testing.assert_allclose(roi_boxes(tiny)[0], [-5.0, -5.0, 32.0])
+    image = jax.random.uniform(KEY(0), (2, 128, 128, 1))
+    roi = jax.jit(classifier_inputs, static_argnames=("mode",))(image, mask, mode="roi")
+    assert roi.shape == (2, 128, 128, 2) and classifier_input_channels("roi") == 2
+    # The lesion fills 40/60 of the crop's width: columns 21..106 of 128.
+    cols = np.where(np.asarray(roi[0, 64, :, 1]) > 0.5)[0]
+    assert (cols[0], cols[-1]) == (21, 106)
+    # Crop pixel (i, j) samples scan pixel (top + (i + .5) * 60 / 128 - .5, ...).
+    i, j = 64, 64
+    y, x = 20 + (i + 0.5) * 60 / 128 - 0.5, 40 + (j + 0.5) * 60 / 128 - 0.5
+    y0, x0 = int(y), int(x)
+    fy, fx = y - y0, x - x0
+    im = np.asarray(image[0, ..., 0])
+    want = (
+        im[y0, x0] * (1 - fy) * (1 - fx)
+        + im[y0 + 1, x0] * fy * (1 - fx)
+        + im[y0, x0 + 1] * (1 - fy) * fx
+        + im[y0 + 1, x0 + 1] * fy * fx
+    )
+    np.testing.assert_allclose(roi[0, i, j, 0], want, rtol=1e-5)
+    np.testing.assert_allclose(roi[1, ..., 0], image[1, ..., 0], atol=1e-6)  # empty: identity
+    both = classifier_inputs(image, mask, "image_mask_roi")
+    assert both.shape == (2, 128, 128, 4) and classifier_input_channels("image_mask_roi") == 4
+    np.testing.assert_array_equal(both[..., :2], classifier_inputs(image, mask, "image_mask"))
+    np.testing.assert_allclose(both[..., 2:], roi, atol=1e-5)
+    # Putting the crop back restores the lesion where it was.
+    back = uncrop_boxes(crop_boxes(mask, boxes), boxes)
+    assert float(jnp.abs(back - mask).mean()) < 2e-3
+    assert float(back[0, 50, 70, 0]) > 0.99 and float(back[0, 5, 5, 0]) == 0.0
 
 
 # ---------------------------------------------------------------- overfit

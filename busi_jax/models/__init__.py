@@ -35,6 +35,9 @@ from busi_jax.models.classifier import (
     Classifier,
     classifier_input_channels,
     classifier_inputs,
+    crop_boxes,
+    roi_boxes,
+    uncrop_boxes,
 )
 from busi_jax.models.multitask import MultiTaskUNet
 from busi_jax.models.unet import SUNet, UNet, UNetDecoder, UNetEncoder
@@ -147,6 +150,9 @@ __all__ = [
     "MultiTaskUNet",
     "classifier_inputs",
     "classifier_input_channels",
+    "roi_boxes",
+    "crop_boxes",
+    "uncrop_boxes",
     "CLASSIFIER_INPUT_MODES",
     "ConvBlock",
     "SqueezeExcitation",

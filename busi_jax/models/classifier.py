@@ -19,13 +19,101 @@ from busi_jax.models.blocks import (
 
 Dtype = Any
 
-CLASSIFIER_INPUT_MODES = ("image", "image_mask", "masked")
+CLASSIFIER_INPUT_MODES = ("image", "image_mask", "masked", "roi", "image_mask_roi")
+
+# The lesion's box is widened by this fraction of its side on each side: the
+# margin and the tissue just behind the lesion (posterior shadowing or
+# enhancement) are diagnostic, so the crop must hold more than the outline.
+ROI_MARGIN = 0.25
+# Smallest crop side as a fraction of the scan side: a handful of predicted
+# pixels must not be blown up into a whole input of interpolation artefacts.
+ROI_MIN_SIDE = 0.25
 
 
 def classifier_input_channels(mode: str) -> int:
     """Number of channels :func:`classifier_inputs` produces for ``mode``."""
     check_choice("mode", mode, CLASSIFIER_INPUT_MODES)
-    return 2 if mode == "image_mask" else 1
+    return {"image_mask": 2, "roi": 2, "image_mask_roi": 4}.get(mode, 1)
+
+
+def roi_boxes(
+    mask: jax.Array, margin: float = ROI_MARGIN, min_side: float = ROI_MIN_SIDE
+) -> jax.Array:
+    """Square boxes around each scan's lesion, for :func:`crop_boxes`.
+
+    Args:
+      mask: ``[B, H, W, 1]`` (or ``[B, H, W]``) mask or probabilities; pixels
+        at or above 0.5 are lesion.
+      margin: added on each side, as a fraction of the lesion's longer side.
+      min_side: smallest box side, as a fraction of ``max(H, W)``.
+
+    Returns:
+      float32 ``[B, 3]``: top, left and side of each box in pixels (the box
+      may reach past the scan's border). An empty mask gives the whole scan.
+    """
+    if mask.ndim == 4:
+        mask = mask[..., 0]
+    h, w = mask.shape[1:]
+    lesion = mask >= 0.5
+    rows, cols = jnp.any(lesion, axis=2), jnp.any(lesion, axis=1)
+
+    def extent(hit, n):
+        idx = jnp.arange(n, dtype=jnp.float32)
+        lo = jnp.min(jnp.where(hit, idx, n), axis=1)
+        hi = jnp.max(jnp.where(hit, idx, -1.0), axis=1) + 1.0
+        return lo, hi
+
+    top, bottom = extent(rows, h)
+    left, right = extent(cols, w)
+    side = jnp.maximum(bottom - top, right - left) * (1.0 + 2.0 * margin)
+    side = jnp.maximum(side, min_side * max(h, w))
+    empty = ~jnp.any(rows, axis=1)
+    cy = jnp.where(empty, h / 2, (top + bottom) / 2)
+    cx = jnp.where(empty, w / 2, (left + right) / 2)
+    side = jnp.where(empty, float(max(h, w)), side)
+    return jnp.stack([cy - side / 2, cx - side / 2, side], axis=-1)
+
+
+def crop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
+    """Resamples each box of ``x`` to ``x``'s own size (bilinear; zero outside).
+
+    Args:
+      x: ``[B, H, W, C]`` images.
+      boxes: ``[B, 3]`` top, left, side in pixels (:func:`roi_boxes`).
+
+    Returns:
+      ``[B, H, W, C]``, dtype of ``x``.
+    """
+    h, w = x.shape[1:3]
+
+    def one(img, box):
+        scale = jnp.stack([h / box[2], w / box[2]])
+        return jax.image.scale_and_translate(
+            img.astype(jnp.float32), img.shape, (0, 1), scale, -box[:2] * scale, method="linear"
+        )
+
+    return jax.vmap(one)(x, boxes.astype(jnp.float32)).astype(x.dtype)
+
+
+def uncrop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
+    """The inverse of :func:`crop_boxes`: puts each crop back where its box was.
+
+    Args:
+      x: ``[B, H, W, C]`` maps in the crop's frame (e.g. a Grad-CAM).
+      boxes: ``[B, 3]`` the boxes :func:`crop_boxes` was given.
+
+    Returns:
+      ``[B, H, W, C]`` in the scan's frame; zero outside the box.
+    """
+    h, w = x.shape[1:3]
+
+    def one(img, box):
+        scale = jnp.stack([box[2] / h, box[2] / w])
+        return jax.image.scale_and_translate(
+            img.astype(jnp.float32), img.shape, (0, 1), scale, box[:2], method="linear"
+        )
+
+    return jax.vmap(one)(x, boxes.astype(jnp.float32)).astype(x.dtype)
 
 
 def dilate_mask(mask: jax.Array, margin: int) -> jax.Array:
@@ -66,6 +154,13 @@ def classifier_inputs(
         resizing) keeps the lesion's absolute size, which is itself a cue,
         and is trivially jit-able. An empty mask (e.g. a 'normal' scan)
         yields an all-zero input.
+        'roi' -- scan and mask cropped to a square box around the lesion
+        (:func:`roi_boxes`) and resampled to the input size, ``[B, H, W, 2]``:
+        a small lesion fills the input, so the CNN's receptive fields see its
+        margin in detail instead of a few pixels after four poolings; the
+        absolute size is lost.
+        'image_mask_roi' -- 'image_mask' and 'roi' stacked, ``[B, H, W, 4]``:
+        both the whole scan (size, context) and the lesion's close-up.
       margin: dilation radius in pixels for mode 'masked'.
 
     Returns:
@@ -81,9 +176,13 @@ def classifier_inputs(
     if mask.ndim == 3:
         mask = mask[..., None]
     mask = mask.astype(image.dtype)
+    both = jnp.concatenate([image, mask], axis=-1)
     if mode == "image_mask":
-        return jnp.concatenate([image, mask], axis=-1)
-    return image * dilate_mask(mask, margin)
+        return both
+    if mode == "masked":
+        return image * dilate_mask(mask, margin)
+    roi = crop_boxes(both, roi_boxes(mask))
+    return roi if mode == "roi" else jnp.concatenate([both, roi], axis=-1)
 
 
 class ClassHead(nn.Module):
