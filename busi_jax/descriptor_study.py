@@ -16,14 +16,18 @@ Two questions:
    descriptors is fitted on the ``train`` split and scored on ``test``; a
    second one adds the classifier's logit. Both are fitted on train only;
    the test split is touched once.
-3. Stacking: the descriptor score, the classifier's logit and (with
-   ``--multitask_workdir``) a multitask network's logit, combined by a
+3. Stacking: the descriptor score, the classifier's logit (each
+   classifier's, given several) and (with ``--multitask_workdir``) a
+   multitask network's logit, combined by a
    logistic regression fitted on the ``validation`` split, on which no
    weights were trained (it did pick checkpoints and post-processing).
 
 ``--classifier_workdir`` replaces the pipeline's classifier with another run
 on the same splits (e.g. a CNN trained on ground-truth masks), still fed the
 segmenter's predicted masks; ``--workdir`` may then be a plain segmenter run.
+Several comma-separated runs each join the stack (e.g. CNNs fed the whole scan
+and the lesion's close-up, whose errors differ); the first one is "the"
+classifier of the single-model rows.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import collections
 import pathlib
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import optimize
@@ -236,7 +241,7 @@ def study(
     workdir: str,
     manual_dir: str,
     multitask_workdir: str | None = None,
-    classifier_workdir: str | None = None,
+    classifier_workdir: str | Sequence[str] | None = None,
 ) -> dict:
     """Association, added value and stacking on a BUSI build (see the module docstring).
 
@@ -245,8 +250,9 @@ def study(
             segmenter run when ``classifier_workdir`` is given.
         manual_dir: the BUSI folder the dataset was built from.
         multitask_workdir: optional multitask run whose malignancy logit joins the stack.
-        classifier_workdir: optional classifier run (same data and splits) used
-            instead of the pipeline's, fed the segmenter's predicted masks.
+        classifier_workdir: optional classifier run (same data and splits), or
+            several, used instead of the pipeline's, fed the segmenter's
+            predicted masks; each one's logit joins the stack.
 
     Returns:
         JSON-able dict: association per descriptor, test AUCs with 95%
@@ -262,17 +268,22 @@ def study(
         raise ckpt_lib.CheckpointError(
             f"--workdir: {seg_dir} is a cross-validation run; the study needs a run on the splits"
         )
-    if classifier_workdir:
-        cls_dir = pathlib.Path(classifier_workdir).expanduser()
+    if isinstance(classifier_workdir, str):
+        classifier_workdir = [classifier_workdir]
+    cls_dirs = [pathlib.Path(c).expanduser() for c in classifier_workdir or []]
+    if len(set(cls_dirs)) < len(cls_dirs):
+        raise ckpt_lib.CheckpointError(f"--classifier_workdir: a run is repeated in {cls_dirs}")
+    for c in cls_dirs:
         # A classifier trained on other splits may have seen this test split.
-        evaluate.check_same_splits(config, cls_dir, "--classifier_workdir", "classification")
-    if cls_dir is None:
+        evaluate.check_same_splits(config, c, "--classifier_workdir", "classification")
+    if not cls_dirs and cls_dir is None:
         raise ckpt_lib.CheckpointError(
             f"--workdir: {workdir} holds no classifier; pass --classifier_workdir"
         )
+    cls_dirs = cls_dirs or [cls_dir]
     size = int(config.data.image_size)
     seg = evaluate.segmenter_probs(seg_dir)
-    cls = evaluate.classifier_logits(cls_dir)
+    classifiers = [evaluate.classifier_logits(c) for c in cls_dirs]
     mt = None
     if multitask_workdir:
         # A run on other splits may have seen this test split.
@@ -290,7 +301,8 @@ def study(
         lesion = arrays["label"] > 0
         images = arrays["image"][lesion]
         masks = pp.apply(seg(images), pp_cfg)
-        logits = cls(images, masks[..., None].astype(np.uint8))
+        masks_u8 = masks[..., None].astype(np.uint8)
+        logits = np.stack([cls(images, masks_u8) for cls in classifiers], axis=1)
         mt_logits = mt(images)[1] if mt else np.full(len(images), np.nan)
         for name, label, m, logit, mt_logit in zip(
             arrays["file_name"][lesion], arrays["label"][lesion], masks, logits, mt_logits
@@ -303,7 +315,7 @@ def study(
                     "split": split,
                     "file": str(name),
                     "malignant": int(label == 2),
-                    "logit": float(logit),
+                    "logits": [float(v) for v in logit],
                     "multitask_logit": float(mt_logit),
                     "desc": d,
                 }
@@ -330,7 +342,7 @@ def study(
         ]
         return (
             x[:, keep],
-            np.array([r["logit"] for r in sel]),
+            np.array([r["logits"] for r in sel]),
             np.array([r["malignant"] for r in sel]),
             np.array([r["multitask_logit"] for r in sel]),
         )
@@ -338,9 +350,10 @@ def study(
     def score(x, w):
         return np.concatenate([x, np.ones((len(x), 1))], 1) @ w
 
-    xtr, ltr, ytr, mtr = arrays_of("train")
-    xva, lva, yva, mva = arrays_of("validation")
-    xte, lte, yte, mte = arrays_of("test")
+    xtr, ltr_all, ytr, mtr = arrays_of("train")
+    xva, lva_all, yva, mva = arrays_of("validation")
+    xte, lte_all, yte, mte = arrays_of("test")
+    ltr, lva, lte = ltr_all[:, 0], lva_all[:, 0], lte_all[:, 0]
     xtr_s, xva_s, xte_s = _standardise(xtr, xva, xte)
     w_desc = _logistic_fit(xtr_s, ytr)
     score_desc = score(xte_s, w_desc)
@@ -360,6 +373,9 @@ def study(
     # picked the checkpoints and the post-processing -- and has only a few
     # inputs: the train-fitted descriptor score and the logits.
     stack_in = {"descriptors": (score(xva_s, w_desc), score_desc), "classifier": (lva, lte)}
+    for k in range(1, len(cls_dirs)):
+        test_scores[f"classifier_{k}"] = lte_all[:, k]
+        stack_in[f"classifier_{k}"] = (lva_all[:, k], lte_all[:, k])
     if mt:
         test_scores["multitask"] = mte
         stack_in["multitask"] = (mva, mte)
@@ -368,10 +384,13 @@ def study(
     sva_s, ste_s = _standardise(sva, ste)
     w_stack = _logistic_fit(sva_s, yva)
     test_scores["stack_on_validation"] = score(ste_s, w_stack)
+    # The same inputs averaged with equal weights once put on validation's
+    # scale: nothing to fit, so 50-odd validation lesions cannot overfit it.
+    test_scores["mean_of_stack_inputs"] = ste_s.mean(axis=1)
     return {
         "data": f"busi/{size} from {manual_dir}; descriptors on original-size scans with predicted masks",
         "segmenter_workdir": str(seg_dir),
-        "classifier_workdir": str(cls_dir),
+        "classifier_workdir": ",".join(str(c) for c in cls_dirs),
         "postprocess": pp_cfg.describe(),
         "n_lesion_scans": {
             s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")
@@ -393,11 +412,11 @@ def main(argv=None) -> None:
     flags.DEFINE_string(
         "multitask_workdir", None, "Optional multitask run whose logit joins the stacking."
     )
-    flags.DEFINE_string(
+    flags.DEFINE_list(
         "classifier_workdir",
         None,
-        "Optional classifier run (same splits) scored on the segmenter's masks instead of"
-        " the pipeline's classifier.",
+        "Optional classifier run(s) (same splits) scored on the segmenter's masks instead of"
+        " the pipeline's classifier; each one's logit joins the stack.",
     )
     flags.DEFINE_list(
         "phantom_seeds", None, "Instead of BUSI: agreement with the truth of these phantom seeds."

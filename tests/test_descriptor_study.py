@@ -85,6 +85,37 @@ def test_study_swaps_in_another_classifier_and_refuses_a_wrong_one(tiny_pipeline
         descriptor_study.study(str(parts["segmenter"]), str(manual))
 
 
+def test_study_stacks_several_classifiers(tiny_pipeline, tiny_data_dir, tmp_path):
+    """Each classifier's logit joins the stack; the first is "the" classifier."""
+    import shutil
+
+    from busi_jax import checkpoints
+    from busi_jax import evaluate
+
+    _, workdir, _ = tiny_pipeline
+    manual = tiny_data_dir / "synthetic_manual" / "seed0_n6"
+    parts = evaluate.resolve(workdir)
+    twin = tmp_path / "twin"
+    shutil.copytree(parts["classifier"], twin)
+    one = descriptor_study.study(str(workdir), str(manual))
+    two = descriptor_study.study(
+        str(parts["segmenter"]),
+        str(manual),
+        classifier_workdir=[str(parts["classifier"]), str(twin)],
+    )
+    assert two["stack_inputs"] == ["descriptors", "classifier", "classifier_1"]
+    assert len(two["stack_weights_standardised"]) == 4  # three inputs and a bias
+    assert two["test_auc"]["classifier_1"] == two["test_auc"]["classifier"]
+    for key in ("classifier", "descriptors_logistic", "classifier_plus_descriptors_logistic"):
+        assert two["test_auc"][key] == one["test_auc"][key]
+    with pytest.raises(checkpoints.CheckpointError, match="repeated"):
+        descriptor_study.study(
+            str(parts["segmenter"]),
+            str(manual),
+            classifier_workdir=[str(parts["classifier"]), str(parts["classifier"])],
+        )
+
+
 def test_study_refuses_a_cross_validation_run(tiny_pipeline, tiny_data_dir, tmp_path):
     """Its stack is fitted on validation, which a fold run mostly trained on."""
     import json
