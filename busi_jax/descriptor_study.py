@@ -251,8 +251,9 @@ def study(
         manual_dir: the BUSI folder the dataset was built from.
         multitask_workdir: optional multitask run whose malignancy logit joins the stack.
         classifier_workdir: optional classifier run (same data and splits), or
-            several, used instead of the pipeline's, fed the segmenter's
-            predicted masks; each one's logit joins the stack.
+            several (a list or a comma-separated string), used instead of the
+            pipeline's, fed the segmenter's predicted masks; each one's logit
+            joins the stack.
 
     Returns:
         JSON-able dict: association per descriptor, test AUCs with 95%
@@ -269,10 +270,12 @@ def study(
             f"--workdir: {seg_dir} is a cross-validation run; the study needs a run on the splits"
         )
     if isinstance(classifier_workdir, str):
-        classifier_workdir = [classifier_workdir]
-    cls_dirs = [pathlib.Path(c).expanduser() for c in classifier_workdir or []]
-    if len(set(cls_dirs)) < len(cls_dirs):
-        raise ckpt_lib.CheckpointError(f"--classifier_workdir: a run is repeated in {cls_dirs}")
+        classifier_workdir = classifier_workdir.split(",")
+    cls_dirs = [pathlib.Path(c).expanduser() for c in classifier_workdir or [] if c.strip()]
+    if len({c.resolve() for c in cls_dirs}) < len(cls_dirs):
+        raise ckpt_lib.CheckpointError(
+            f"--classifier_workdir: a run is repeated in {[str(c) for c in cls_dirs]}"
+        )
     for c in cls_dirs:
         # A classifier trained on other splits may have seen this test split.
         evaluate.check_same_splits(config, c, "--classifier_workdir", "classification")
@@ -390,7 +393,8 @@ def study(
     return {
         "data": f"busi/{size} from {manual_dir}; descriptors on original-size scans with predicted masks",
         "segmenter_workdir": str(seg_dir),
-        "classifier_workdir": ",".join(str(c) for c in cls_dirs),
+        # In stack order: "classifier", then "classifier_1", ...
+        "classifier_workdir": [str(c) for c in cls_dirs],
         "postprocess": pp_cfg.describe(),
         "n_lesion_scans": {
             s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")

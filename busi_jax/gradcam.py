@@ -315,9 +315,14 @@ def classifier_cam(model, variables, images: jax.Array, masks: jax.Array, mode: 
     Returns:
       ``[N, S, S]`` maps in [0, 1]. For mode 'roi' the network saw each
       lesion's close-up, so its map is put back where the crop came from
-      (zero outside the crop); mode 'image_mask_roi' mixes both frames in
-      its channels and is shown in the scan's frame as computed.
+      (zero outside the crop).
+
+    Raises:
+      ValueError: mode 'image_mask_roi', whose first layer mixes each scan
+        pixel with an unrelated close-up pixel: its map belongs to neither.
     """
+    if mode == "image_mask_roi":
+        raise ValueError("a classifier fed both the scan and a close-up has no map on the scan")
     cam = gradcam(model, variables, classifier_inputs(images, masks, mode), target="classification")
     if mode == "roi":
         cam = uncrop_boxes(cam[..., None], roi_boxes(masks))[..., 0]
@@ -335,7 +340,7 @@ def workdir_cams(seg_dir, cls_dir=None) -> Callable[..., tuple[np.ndarray, np.nd
       ``f(images, masks) -> (seg_cam, cls_cam)``: ``images`` ``[N, S, S, 1]``
       uint8, ``masks`` ``[N, S, S]`` bool (the classifier's input masks, i.e.
       the predicted ones); maps ``[N, S, S]`` in [0, 1]; ``cls_cam`` is None
-      without a classifier.
+      without a classifier, or for one fed both the scan and a close-up.
     """
     from busi_jax import inference
 
@@ -348,9 +353,10 @@ def workdir_cams(seg_dir, cls_dir=None) -> Callable[..., tuple[np.ndarray, np.nd
         cls_cam = None
         if cls is not None:
             config, model, variables = cls
-            m = jnp.asarray(masks[..., None], jnp.float32)
             mode = config.classifier.input_mode
-            cls_cam = np.asarray(classifier_cam(model, variables, x, m, mode))
+            if mode != "image_mask_roi":  # No map on the scan (classifier_cam).
+                m = jnp.asarray(masks[..., None], jnp.float32)
+                cls_cam = np.asarray(classifier_cam(model, variables, x, m, mode))
         return seg_cam, cls_cam
 
     return run

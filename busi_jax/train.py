@@ -296,6 +296,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         " input: keep them at 0 and (0.5, 0.5) for segmentation and multitask",
     )
     if config.task == "classification":
+        modes = models_lib.CLASSIFIER_INPUT_MODES
+        need(
+            config.classifier.get("input_mode", "image_mask") in modes,
+            "classifier.input_mode",
+            f"must be one of {', '.join(repr(m) for m in modes)}",
+        )
         need(
             config.classifier.get("val_mask_source", "same") in ("same", "predicted"),
             "classifier.val_mask_source",

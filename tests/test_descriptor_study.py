@@ -1,5 +1,7 @@
 """The descriptor study's pieces: the leak-free logistic fit and its standardisation."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -76,7 +78,7 @@ def test_study_swaps_in_another_classifier_and_refuses_a_wrong_one(tiny_pipeline
     )
     for key in ("test_auc", "stack_weights_standardised", "n_lesion_scans"):
         np.testing.assert_equal(swapped[key], base[key])
-    assert swapped["classifier_workdir"] == str(parts["classifier"])
+    assert swapped["classifier_workdir"] == [str(parts["classifier"])]
     with pytest.raises(checkpoints.CheckpointError, match="holds a segmentation run"):
         descriptor_study.study(
             str(parts["segmenter"]), str(manual), classifier_workdir=str(parts["segmenter"])
@@ -85,7 +87,7 @@ def test_study_swaps_in_another_classifier_and_refuses_a_wrong_one(tiny_pipeline
         descriptor_study.study(str(parts["segmenter"]), str(manual))
 
 
-def test_study_stacks_several_classifiers(tiny_pipeline, tiny_data_dir, tmp_path):
+def test_study_stacks_several_classifiers(tiny_pipeline, tiny_data_dir, tmp_path, monkeypatch):
     """Each classifier's logit joins the stack; the first is "the" classifier."""
     import shutil
 
@@ -95,24 +97,35 @@ def test_study_stacks_several_classifiers(tiny_pipeline, tiny_data_dir, tmp_path
     _, workdir, _ = tiny_pipeline
     manual = tiny_data_dir / "synthetic_manual" / "seed0_n6"
     parts = evaluate.resolve(workdir)
+    # A second run whose logits are the first's negated: known answers below.
     twin = tmp_path / "twin"
     shutil.copytree(parts["classifier"], twin)
+    real = evaluate.classifier_logits
+
+    def logits(run):
+        f = real(run)
+        return (lambda i, m: -f(i, m)) if pathlib.Path(run) == twin else f
+
+    monkeypatch.setattr(evaluate, "classifier_logits", logits)
     one = descriptor_study.study(str(workdir), str(manual))
     two = descriptor_study.study(
-        str(parts["segmenter"]),
-        str(manual),
-        classifier_workdir=[str(parts["classifier"]), str(twin)],
+        str(parts["segmenter"]), str(manual), classifier_workdir=f"{parts['classifier']},{twin},"
     )
     assert two["stack_inputs"] == ["descriptors", "classifier", "classifier_1"]
+    assert two["classifier_workdir"] == [str(parts["classifier"]), str(twin)]
     assert len(two["stack_weights_standardised"]) == 4  # three inputs and a bias
-    assert two["test_auc"]["classifier_1"] == two["test_auc"]["classifier"]
+    auc = two["test_auc"]
+    assert auc["classifier_1"] == pytest.approx(1 - auc["classifier"])
+    # Standardised on validation, -logit is minus the logit's score: the mean
+    # of the three inputs is the descriptor score over three.
+    assert auc["mean_of_stack_inputs"] == pytest.approx(auc["descriptors_logistic"])
     for key in ("classifier", "descriptors_logistic", "classifier_plus_descriptors_logistic"):
-        assert two["test_auc"][key] == one["test_auc"][key]
+        assert auc[key] == one["test_auc"][key]
     with pytest.raises(checkpoints.CheckpointError, match="repeated"):
         descriptor_study.study(
             str(parts["segmenter"]),
             str(manual),
-            classifier_workdir=[str(parts["classifier"]), str(parts["classifier"])],
+            classifier_workdir=[str(parts["classifier"]), str(parts["classifier"]) + "/"],
         )
 
 

@@ -435,21 +435,45 @@ def test_roi_classifier_cam_is_put_back_on_the_scan():
     model = create_model(
         dict(name="classifier", features=(8, 16), hidden=16, dropout=0.0, norm="none")
     )
-    # The "lesion" mask is the left half, so every crop is the same enlarged,
-    # shifted view: without mapping back, the map would sit off the square.
-    half = jnp.zeros((8, SIZE, SIZE, 1)).at[:, :, : SIZE // 2].set(1.0)
-    x, labels, _ = left_squares(8, seed=0)
-    roi = classifier_mod.classifier_inputs(x, half, "roi")
-    variables = fit(model, roi, steps=30, labels=labels)
-    tx, tlabels, squares = left_squares(8, seed=1)
-    cam = np.asarray(jax.jit(lambda v: gc.classifier_cam(model, v, tx, half, "roi"))(variables))
-    for m, sq, label in zip(cam, squares, np.asarray(tlabels)):
+    # The "lesion" is an 8x8 patch, so every crop is the same box (rows 10-21,
+    # columns 2-13) enlarged 2.7x; label 1 puts a bright 4-px square in it.
+    lesion = jnp.zeros((8, SIZE, SIZE, 1)).at[:, 12:20, 4:12].set(1.0)
+
+    def scans(seed):
+        rng = np.random.RandomState(seed)
+        images, squares = [], []
+        for k in range(8):
+            sq = np.zeros((SIZE, SIZE), np.float32)
+            if k % 2:
+                y, x = rng.randint(11, 18), rng.randint(3, 10)
+                sq[y : y + 4, x : x + 4] = 1
+            images.append(np.clip(0.3 + 0.1 * rng.randn(SIZE, SIZE) + 0.5 * sq, 0, 1))
+            squares.append(sq)
+        x = jnp.asarray(np.stack(images)[..., None], jnp.float32)
+        return x, jnp.asarray([k % 2 for k in range(8)], jnp.int32), np.stack(squares)
+
+    np.testing.assert_allclose(classifier_mod.roi_boxes(lesion)[0], [10.0, 2.0, 12.0])
+    x, labels, _ = scans(0)
+    variables = fit(model, classifier_mod.classifier_inputs(x, lesion, "roi"), 30, labels=labels)
+    tx, tlabels, squares = scans(1)
+    cam, raw = jax.jit(
+        lambda v: (
+            gc.classifier_cam(model, v, tx, lesion, "roi"),
+            gc.gradcam(
+                model,
+                v,
+                classifier_mod.classifier_inputs(tx, lesion, "roi"),
+                target="classification",
+            ),
+        )
+    )(variables)
+    raw_ratios = []
+    for m, r, sq, label in zip(np.asarray(cam), np.asarray(raw), squares, np.asarray(tlabels)):
         if label:
-            # Blurrier than a full-frame map (a coarse map enlarged 1.5x), but
-            # on the square; the crop-frame map itself scores ~0 here.
-            assert m[sq > 0].mean() > 1.5 * m[sq == 0].mean()
-            peak = np.unravel_index(m.argmax(), m.shape)
-            assert np.abs(np.subtract(peak, np.argwhere(sq > 0).mean(0))).max() <= 4
+            assert m[sq > 0].mean() > 5 * m[sq == 0].mean()
+            raw_ratios.append(r[sq > 0].mean() / r[sq == 0].mean())
+    # The crop-frame map itself is elsewhere (ratios ~2 here): the test can fail.
+    assert min(raw_ratios) < 5
 
 
 def test_trained_multitask_cams_cover_the_lesion_for_both_targets():

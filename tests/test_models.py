@@ -599,9 +599,17 @@ def test_roi_crop_known_answer():
     boxes = roi_boxes(mask)
     np.testing.assert_allclose(boxes[0], [20.0, 40.0, 60.0])
     np.testing.assert_allclose(boxes[1], [0.0, 0.0, 128.0])  # empty: the whole scan
-    # A 2-pixel lesion is not blown up past a quarter of the scan.
+    # A 2-pixel lesion is not blown up past a quarter of the scan, and its box
+    # (centred at 11) moves inside the scan rather than reaching past it.
     tiny = jnp.zeros((1, 128, 128, 1)).at[0, 10:12, 10:12, 0].set(1.0)
-    np.testing.assert_allclose(roi_boxes(tiny)[0], [-5.0, -5.0, 32.0])
+    np.testing.assert_allclose(roi_boxes(tiny)[0], [0.0, 0.0, 32.0])
+    corner = jnp.zeros((1, 128, 128)).at[0, 120:124, 100:104].set(1.0)  # [B, H, W] accepted
+    np.testing.assert_allclose(roi_boxes(corner)[0], [96.0, 86.0, 32.0])
+    # A lesion whose margin would not fit is given the whole scan, never shrunk.
+    large = jnp.zeros((1, 128, 128, 1)).at[0, 10:110, 20:120, 0].set(1.0)
+    np.testing.assert_allclose(roi_boxes(large)[0], [0.0, 0.0, 128.0])
+    with pytest.raises(ValueError, match="square scans, got 64x128"):
+        roi_boxes(jnp.zeros((1, 64, 128, 1)))
     image = jax.random.uniform(KEY(0), (2, 128, 128, 1))
     roi = jax.jit(classifier_inputs, static_argnames=("mode",))(image, mask, mode="roi")
     assert roi.shape == (2, 128, 128, 2) and classifier_input_channels("roi") == 2
@@ -626,10 +634,15 @@ def test_roi_crop_known_answer():
     assert both.shape == (2, 128, 128, 4) and classifier_input_channels("image_mask_roi") == 4
     np.testing.assert_array_equal(both[..., :2], classifier_inputs(image, mask, "image_mask"))
     np.testing.assert_allclose(both[..., 2:], roi, atol=1e-5)
-    # Putting the crop back restores the lesion where it was.
+    # Putting the crop back restores the lesion where it was: inside it and
+    # away from the border exactly, at its border within interpolation.
     back = uncrop_boxes(crop_boxes(mask, boxes), boxes)
-    assert float(jnp.abs(back - mask).mean()) < 2e-3
-    assert float(back[0, 50, 70, 0]) > 0.99 and float(back[0, 5, 5, 0]) == 0.0
+    np.testing.assert_allclose(back[0, 41:59, 51:89, 0], 1.0, atol=1e-6)
+    np.testing.assert_allclose(back[0, 20:38, :, 0], 0.0, atol=1e-6)
+    assert float(jnp.abs(back - mask).mean()) < 1.5e-3
+    assert float(back[0, 5, 5, 0]) == 0.0  # outside the box
+    with pytest.raises(ValueError, match="needs a mask"):
+        classifier_inputs(image, None, "roi")
 
 
 # ---------------------------------------------------------------- overfit

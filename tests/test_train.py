@@ -139,6 +139,16 @@ def test_bad_config_values(tiny_config, tmp_path, field, value, msg):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_bad_classifier_input_mode(tiny_config, tmp_path):
+    tiny_config.task = "classification"
+    tiny_config.classifier.input_mode = "roii"
+    with pytest.raises(
+        train.ConfigError, match="config.classifier.input_mode='roii': must be one of 'image', "
+    ):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
 def _launch(args, env_extra=None, cwd=ROOT, **kw):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(

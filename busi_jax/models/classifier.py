@@ -41,19 +41,28 @@ def roi_boxes(
 ) -> jax.Array:
     """Square boxes around each scan's lesion, for :func:`crop_boxes`.
 
+    The box is centred on the lesion, then moved inside the scan where it
+    would cross a border, and never larger than the scan: a crop only ever
+    enlarges (a lesion too large for its margin gets the whole scan).
+
     Args:
-      mask: ``[B, H, W, 1]`` (or ``[B, H, W]``) mask or probabilities; pixels
+      mask: ``[B, S, S, 1]`` (or ``[B, S, S]``) mask or probabilities; pixels
         at or above 0.5 are lesion.
       margin: added on each side, as a fraction of the lesion's longer side.
-      min_side: smallest box side, as a fraction of ``max(H, W)``.
+      min_side: smallest box side, as a fraction of ``S``.
 
     Returns:
-      float32 ``[B, 3]``: top, left and side of each box in pixels (the box
-      may reach past the scan's border). An empty mask gives the whole scan.
+      float32 ``[B, 3]``: top, left and side of each box in pixels, inside
+      the scan. An empty mask gives the whole scan.
+
+    Raises:
+      ValueError: the scans are not square.
     """
     if mask.ndim == 4:
         mask = mask[..., 0]
     h, w = mask.shape[1:]
+    if h != w:
+        raise ValueError(f"lesion crops need square scans, got {h}x{w}")
     lesion = mask >= 0.5
     rows, cols = jnp.any(lesion, axis=2), jnp.any(lesion, axis=1)
 
@@ -66,23 +75,23 @@ def roi_boxes(
     top, bottom = extent(rows, h)
     left, right = extent(cols, w)
     side = jnp.maximum(bottom - top, right - left) * (1.0 + 2.0 * margin)
-    side = jnp.maximum(side, min_side * max(h, w))
+    side = jnp.clip(side, min_side * h, float(h))
     empty = ~jnp.any(rows, axis=1)
-    cy = jnp.where(empty, h / 2, (top + bottom) / 2)
-    cx = jnp.where(empty, w / 2, (left + right) / 2)
-    side = jnp.where(empty, float(max(h, w)), side)
-    return jnp.stack([cy - side / 2, cx - side / 2, side], axis=-1)
+    side = jnp.where(empty, float(h), side)
+    y0 = jnp.clip((top + bottom - side) / 2, 0.0, h - side)
+    x0 = jnp.clip((left + right - side) / 2, 0.0, w - side)
+    return jnp.stack([jnp.where(empty, 0.0, y0), jnp.where(empty, 0.0, x0), side], axis=-1)
 
 
 def crop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
     """Resamples each box of ``x`` to ``x``'s own size (bilinear; zero outside).
 
     Args:
-      x: ``[B, H, W, C]`` images.
+      x: ``[B, S, S, C]`` images.
       boxes: ``[B, 3]`` top, left, side in pixels (:func:`roi_boxes`).
 
     Returns:
-      ``[B, H, W, C]``, dtype of ``x``.
+      ``[B, S, S, C]``, dtype of ``x``.
     """
     h, w = x.shape[1:3]
 
@@ -99,11 +108,11 @@ def uncrop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
     """The inverse of :func:`crop_boxes`: puts each crop back where its box was.
 
     Args:
-      x: ``[B, H, W, C]`` maps in the crop's frame (e.g. a Grad-CAM).
+      x: ``[B, S, S, C]`` maps in the crop's frame (e.g. a Grad-CAM).
       boxes: ``[B, 3]`` the boxes :func:`crop_boxes` was given.
 
     Returns:
-      ``[B, H, W, C]`` in the scan's frame; zero outside the box.
+      ``[B, S, S, C]`` in the scan's frame; zero outside the box.
     """
     h, w = x.shape[1:3]
 
@@ -155,7 +164,8 @@ def classifier_inputs(
         and is trivially jit-able. An empty mask (e.g. a 'normal' scan)
         yields an all-zero input.
         'roi' -- scan and mask cropped to a square box around the lesion
-        (:func:`roi_boxes`) and resampled to the input size, ``[B, H, W, 2]``:
+        (:func:`roi_boxes`; square scans only) and resampled to the input
+        size, ``[B, H, W, 2]``:
         a small lesion fills the input, so the CNN's receptive fields see its
         margin in detail instead of a few pixels after four poolings; the
         absolute size is lost.
