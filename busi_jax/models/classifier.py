@@ -83,6 +83,21 @@ def roi_boxes(
     return jnp.stack([jnp.where(empty, 0.0, y0), jnp.where(empty, 0.0, x0), side], axis=-1)
 
 
+def _resample_boxes(x: jax.Array, boxes: jax.Array, into_box: bool) -> jax.Array:
+    """Bilinear map between each scan's frame and its box's (zero outside)."""
+    side = x.shape[1]
+
+    def one(img, box):
+        # scale_and_translate maps input pixel coordinate u to u * scale + shift.
+        scale = side / box[2] if into_box else box[2] / side
+        shift = -box[:2] * scale if into_box else box[:2]
+        return jax.image.scale_and_translate(
+            img.astype(jnp.float32), img.shape, (0, 1), jnp.stack([scale, scale]), shift, "linear"
+        )
+
+    return jax.vmap(one)(x, boxes.astype(jnp.float32)).astype(x.dtype)
+
+
 def crop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
     """Resamples each box of ``x`` to ``x``'s own size (bilinear; zero outside).
 
@@ -93,15 +108,7 @@ def crop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
     Returns:
       ``[B, S, S, C]``, dtype of ``x``.
     """
-    h, w = x.shape[1:3]
-
-    def one(img, box):
-        scale = jnp.stack([h / box[2], w / box[2]])
-        return jax.image.scale_and_translate(
-            img.astype(jnp.float32), img.shape, (0, 1), scale, -box[:2] * scale, method="linear"
-        )
-
-    return jax.vmap(one)(x, boxes.astype(jnp.float32)).astype(x.dtype)
+    return _resample_boxes(x, boxes, into_box=True)
 
 
 def uncrop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
@@ -114,15 +121,7 @@ def uncrop_boxes(x: jax.Array, boxes: jax.Array) -> jax.Array:
     Returns:
       ``[B, S, S, C]`` in the scan's frame; zero outside the box.
     """
-    h, w = x.shape[1:3]
-
-    def one(img, box):
-        scale = jnp.stack([box[2] / h, box[2] / w])
-        return jax.image.scale_and_translate(
-            img.astype(jnp.float32), img.shape, (0, 1), scale, box[:2], method="linear"
-        )
-
-    return jax.vmap(one)(x, boxes.astype(jnp.float32)).astype(x.dtype)
+    return _resample_boxes(x, boxes, into_box=False)
 
 
 def dilate_mask(mask: jax.Array, margin: int) -> jax.Array:
@@ -186,11 +185,11 @@ def classifier_inputs(
     if mask.ndim == 3:
         mask = mask[..., None]
     mask = mask.astype(image.dtype)
+    if mode == "masked":
+        return image * dilate_mask(mask, margin)
     both = jnp.concatenate([image, mask], axis=-1)
     if mode == "image_mask":
         return both
-    if mode == "masked":
-        return image * dilate_mask(mask, margin)
     roi = crop_boxes(both, roi_boxes(mask))
     return roi if mode == "roi" else jnp.concatenate([both, roi], axis=-1)
 
