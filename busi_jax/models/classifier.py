@@ -76,11 +76,11 @@ def roi_boxes(
     left, right = extent(cols, w)
     side = jnp.maximum(bottom - top, right - left) * (1.0 + 2.0 * margin)
     side = jnp.clip(side, min_side * h, float(h))
-    empty = ~jnp.any(rows, axis=1)
-    side = jnp.where(empty, float(h), side)
+    # An empty mask: the whole scan (its extents, (n, 0), then centre it too).
+    side = jnp.where(jnp.any(rows, axis=1), side, float(h))
     y0 = jnp.clip((top + bottom - side) / 2, 0.0, h - side)
     x0 = jnp.clip((left + right - side) / 2, 0.0, w - side)
-    return jnp.stack([jnp.where(empty, 0.0, y0), jnp.where(empty, 0.0, x0), side], axis=-1)
+    return jnp.stack([y0, x0, side], axis=-1)
 
 
 def _resample_boxes(x: jax.Array, boxes: jax.Array, into_box: bool) -> jax.Array:
