@@ -159,6 +159,27 @@ def load_split(data_config: Mapping, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def fingerprint(data_config: Mapping) -> dict[str, str]:
+    """What a built dataset holds: per split, a hash of its sorted scan names.
+
+    Where the data live (``data_dir``, ``manual_dir``) is not what they are:
+    a run trained on a copy of the same build elsewhere (another machine, a
+    GPU host) still pairs with runs here, and a build from another copy of
+    BUSI (other scans, so other splits) does not, wherever it lives.
+
+    Returns:
+        ``{split: 16 hex digits}`` for every split of the dataset.
+    """
+    import hashlib
+
+    b = builder(data_config)
+    out = {}
+    for split in sorted(b.info.splits.keys()):
+        names = sorted(str(n) for n in load_split(data_config, split)["file_name"])
+        out[split] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    return out
+
+
 ROLES = ("train", "eval")
 
 

@@ -668,6 +668,12 @@ def check_workdir(
 # wgrad='native_amx' rounds conv inputs to bf16, like model.dtype='bfloat16'
 # would, but the parameters and what they compute stay the same model.
 SPEED_ONLY_MODEL_OPTIONS = ("wgrad", "wgrad_chunks")
+# Where the data live, not what they are: a workdir trained on a copy of the
+# dataset elsewhere (a GPU host) still pairs with runs here. What the data are
+# is compared through DATA_FINGERPRINT (see data.fingerprint).
+LOCATION_ONLY_DATA_OPTIONS = ("data_dir", "manual_dir")
+# Written beside config.json: the scans in each split of the data trained on.
+DATA_FINGERPRINT = "data_fingerprint.json"
 
 
 def config_identity(cfg: dict, field: str):
@@ -680,9 +686,11 @@ def config_identity(cfg: dict, field: str):
     value = cfg.get(field)
     if field == "model" and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in SPEED_ONLY_MODEL_OPTIONS}
-    if field == "data" and isinstance(value, dict) and value.get("cv_fold") is None:
-        # Runs saved before cross-validation existed trained on the splits.
-        value = {k: v for k, v in value.items() if k != "cv_fold"}
+    if field == "data" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in LOCATION_ONLY_DATA_OPTIONS}
+        if value.get("cv_fold") is None:
+            # Runs saved before cross-validation existed trained on the splits.
+            value = {k: v for k, v in value.items() if k != "cv_fold"}
     if field == "classifier" and isinstance(value, dict) and value.get("val_mask_source") == "same":
         # Runs saved before the option existed used their training masks.
         value = {k: v for k, v in value.items() if k != "val_mask_source"}
@@ -760,6 +768,7 @@ def train_and_evaluate(
     # The data are loaded before the workdir is touched, so a missing or bad
     # dataset (or a bad segmenter_workdir) leaves nothing behind.
     workdir = check_workdir(workdir, config)
+    busi_io.atomic_write_json(workdir / DATA_FINGERPRINT, data_lib.fingerprint(config.data))
     steps_per_epoch = n_train // config.batch_size
 
     mesh = Mesh(np.array(jax.devices()), ("data",))

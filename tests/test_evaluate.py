@@ -233,6 +233,34 @@ def test_classifier_paired_with_another_segmenter(tiny_pipeline, tmp_path):
     )
 
 
+def test_runs_pair_across_data_locations_but_not_across_data(
+    tiny_pipeline, tiny_data_dir, tmp_path
+):
+    """A run trained on a copy of the same build elsewhere pairs; one on other scans does not."""
+    from busi_jax import checkpoints, data, train
+
+    _, workdir, _ = tiny_pipeline
+    workdir = pathlib.Path(workdir)
+    cls_config = evaluate.inference.load_config(workdir / "classifier")
+    saved = json.loads((workdir / "segmenter" / train.DATA_FINGERPRINT).read_text())
+    assert saved == data.fingerprint(cls_config.data)
+    assert set(saved) == {"train", "validation", "test"}
+    # The segmenter as if trained on a GPU host: the same build copied elsewhere.
+    moved_data = tmp_path / "elsewhere" / "tfds"
+    shutil.copytree(tiny_data_dir, moved_data)
+    moved = tmp_path / "moved_segmenter"
+    shutil.copytree(workdir / "segmenter", moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    cfg["data"]["data_dir"] = str(moved_data)
+    (moved / "config.json").write_text(json.dumps(cfg))
+    evaluate.check_same_splits(cls_config, moved, "--segmenter_workdir", "segmentation")
+    # Trained on a build holding other scans: refused, wherever it lives.
+    other = dict(saved, test="0" * 16)
+    (moved / train.DATA_FINGERPRINT).write_text(json.dumps(other))
+    with pytest.raises(checkpoints.CheckpointError, match="other data or splits.*other scans"):
+        evaluate.check_same_splits(cls_config, moved, "--segmenter_workdir", "segmentation")
+
+
 @pytest.mark.parametrize("case", ["member_not_segmenter", "pair_without_classifier"])
 def test_ensemble_and_pairing_misuse_one_line_error(tiny_pipeline, tmp_path, case):
     from busi_jax import checkpoints

@@ -76,6 +76,22 @@ def test_cross_validation_run_validates_on_its_fold_and_keeps_it(tiny_config, tm
         train.train_and_evaluate(tiny_config, tmp_path)
 
 
+def test_run_resumes_after_its_dataset_moved(tiny_config, tiny_data_dir, tmp_path):
+    """data_dir says where the data live, not what they are: a moved build resumes."""
+    import shutil
+
+    from busi_jax import data
+
+    tiny_config.num_epochs = 1
+    first = train.train_and_evaluate(tiny_config, tmp_path / "wd")
+    fp = json.loads((tmp_path / "wd" / train.DATA_FINGERPRINT).read_text())
+    moved = tmp_path / "moved_tfds"
+    shutil.copytree(tiny_data_dir, moved)
+    tiny_config.data.data_dir = str(moved)
+    assert data.fingerprint(tiny_config.data) == fp
+    assert train.train_and_evaluate(tiny_config, tmp_path / "wd") == first
+
+
 def test_speed_options_may_change_on_resume(tiny_config, tmp_path):
     """model.wgrad changes speed, not the model: a run may resume with the other kernel."""
     train.train_and_evaluate(tiny_config, tmp_path)
