@@ -31,7 +31,6 @@ validation split's out-of-fold masks.
 from __future__ import annotations
 
 import csv
-import functools
 import io as _io
 import json
 import os
@@ -562,23 +561,11 @@ def check_same_splits(
     if _data_identity(cfg, ignore_fold) != _data_identity(config, ignore_fold):
         # A run trained on other splits may have seen the scans scored here.
         raise ckpt_lib.CheckpointError(f"{flag}: {other} was trained on other data or splits")
-    saved = pathlib.Path(other) / train_lib.DATA_FINGERPRINT
-    # Runs saved before fingerprints existed are trusted on their config alone.
-    if saved.exists() and json.loads(saved.read_text()) != _fingerprint(config.data):
+    if not train_lib.same_scans(other, config.data):
         raise ckpt_lib.CheckpointError(
             f"{flag}: {other} was trained on other data or splits (its dataset holds other"
             f" scans than the one at data_dir={config.data.data_dir})"
         )
-
-
-@functools.lru_cache(maxsize=8)
-def _fingerprint_of(data_json: str) -> dict:
-    return data_lib.fingerprint(json.loads(data_json))
-
-
-def _fingerprint(data) -> dict:
-    """data.fingerprint, computed once per data config and process."""
-    return _fingerprint_of(json.dumps(json.loads(data.to_json_best_effort()), sort_keys=True))
 
 
 def _data_identity(config, ignore_fold: bool) -> dict:

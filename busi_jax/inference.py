@@ -207,7 +207,11 @@ class FoldMasks:
 
     def check_data(self, data: ml_collections.ConfigDict, who: str) -> None:
         """Raises CheckpointError unless ``data`` deals scans to the runs' folds."""
-        if self.data_identity(data) != self.data_identity(self.configs[0].data):
+        from busi_jax import train  # train imports this module.
+
+        if self.data_identity(data) != self.data_identity(self.configs[0].data) or not all(
+            train.same_scans(w, data) for w in self.workdirs
+        ):
             # Other splits or seeds deal other folds: "held out" would not hold.
             raise ckpt_lib.CheckpointError(
                 f"{who}: the fold runs {[str(w) for w in self.workdirs]} were trained on other"

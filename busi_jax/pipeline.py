@@ -65,7 +65,9 @@ def _finished_segmenter(seg_dir: pathlib.Path, seg_cfg) -> dict:
         )
     data = json.loads(seg_cfg.data.to_json_best_effort())
     # As resuming compares it: runs saved before a data field existed match.
-    if train.config_identity(old, "data") != train.config_identity({"data": data}, "data"):
+    if train.config_identity(old, "data") != train.config_identity(
+        {"data": data}, "data"
+    ) or not train.same_scans(seg_dir, seg_cfg.data):
         raise train.ConfigError(
             f"config.segmenter_workdir={seg_dir}: trained on other data or splits ({old.get('data')})"
         )

@@ -697,6 +697,25 @@ def config_identity(cfg: dict, field: str):
     return value
 
 
+@functools.lru_cache(maxsize=8)
+def _fingerprint_of(data_json: str) -> dict:
+    return data_lib.fingerprint(json.loads(data_json))
+
+
+def same_scans(run_dir: str | os.PathLike[str], data: ml_collections.ConfigDict) -> bool:
+    """Whether the run in ``run_dir`` was trained on the scans and splits ``data`` holds.
+
+    Compares the run's :data:`DATA_FINGERPRINT` with ``data``'s (computed once
+    per data config and process). Runs saved before fingerprints existed are
+    trusted on their config alone (:func:`data_identity`).
+    """
+    saved = pathlib.Path(run_dir) / DATA_FINGERPRINT
+    if not saved.exists():
+        return True
+    key = json.dumps(json.loads(data.to_json_best_effort()), sort_keys=True)
+    return json.loads(saved.read_text()) == _fingerprint_of(key)
+
+
 def data_identity(data: ml_collections.ConfigDict, ignore_fold: bool = False) -> dict:
     """A data config as runs compare it (:func:`config_identity`), less ``cv_fold`` if ``ignore_fold``.
 

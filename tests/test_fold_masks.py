@@ -102,6 +102,13 @@ def test_fold_masks_misuse_is_one_clear_error(tiny_pipeline, tmp_path, monkeypat
     other = ml_collections.ConfigDict(dict(cfg["data"]))
     with pytest.raises(ckpt_lib.CheckpointError, match="trained on other data or splits"):
         good.check_data(other, "config.classifier.segmenter_workdir")
+    # The same config, but a fold run trained on a build of other scans.
+    same = inference.load_config(runs[folds[0]]).data
+    good.check_data(same, "config.classifier.segmenter_workdir")
+    fp = runs[folds[2]] / train.DATA_FINGERPRINT
+    fp.write_text(json.dumps(dict(json.loads(fp.read_text()), test="0" * 16)))
+    with pytest.raises(ckpt_lib.CheckpointError, match="trained on other data or splits"):
+        good.check_data(same, "config.classifier.segmenter_workdir")
 
 
 def test_classifier_trains_and_is_scored_on_out_of_fold_masks(tiny_pipeline, tmp_path):

@@ -83,3 +83,23 @@ def test_segmenter_saved_before_cross_validation_is_reused(tiny_pipeline, tmp_pa
     (old / "config.json").write_text(json.dumps(cfg))
     final = pipeline._finished_segmenter(old, config.segmenter)
     assert final == json.loads((old / "final_metrics.json").read_text())
+
+
+def test_reused_segmenter_from_other_scans_is_refused(tiny_pipeline, tmp_path):
+    """A segmenter whose fingerprint names other scans is refused, wherever its data lived."""
+    import shutil
+
+    import pytest
+
+    config, workdir, _ = tiny_pipeline
+    seg = tmp_path / "segmenter"
+    shutil.copytree(workdir / "segmenter", seg)
+    cfg = json.loads((seg / "config.json").read_text())
+    cfg["data"]["data_dir"] = str(tmp_path / "elsewhere")
+    (seg / "config.json").write_text(json.dumps(cfg))
+    # Another location, the same scans: reused.
+    pipeline._finished_segmenter(seg, config.segmenter)
+    fp = json.loads((seg / train.DATA_FINGERPRINT).read_text())
+    (seg / train.DATA_FINGERPRINT).write_text(json.dumps(dict(fp, train="0" * 16)))
+    with pytest.raises(train.ConfigError, match="trained on other data or splits"):
+        pipeline._finished_segmenter(seg, config.segmenter)
