@@ -634,12 +634,22 @@ class _Logger:
 
 
 def check_workdir(
-    workdir: str | os.PathLike[str], config: ml_collections.ConfigDict
+    workdir: str | os.PathLike[str],
+    config: ml_collections.ConfigDict,
+    fingerprint: dict | None = None,
 ) -> pathlib.Path:
     """Creates the workdir, checks it is writable and writes ``config.json``.
 
+    Args:
+        workdir: the run's folder.
+        config: the run's config.
+        fingerprint: ``data.fingerprint`` of the data trained on, written to
+            :data:`DATA_FINGERPRINT` (None: not written).
+
     Raises:
-        ConfigError: the workdir holds a run of a different model, task or data.
+        ConfigError: the workdir holds a run of a different model, task or data
+            (another config, or, since the data's location may change, a
+            fingerprint naming other scans).
     """
     workdir = pathlib.Path(workdir).expanduser().absolute()
     try:
@@ -659,7 +669,16 @@ def check_workdir(
                     f"--workdir {workdir} holds a run with a different config.{field}"
                     f" ({json.dumps(old.get(field))[:200]}); use a fresh --workdir to train another one"
                 )
+    fp_path = workdir / DATA_FINGERPRINT
+    if fingerprint is not None and fp_path.exists():
+        if json.loads(fp_path.read_text()) != fingerprint:
+            raise ConfigError(
+                f"--workdir {workdir} holds a run trained on other scans than the dataset at"
+                f" data_dir={config.data.data_dir}; use a fresh --workdir to train another one"
+            )
     busi_io.atomic_write_json(cfg_path, new)
+    if fingerprint is not None:
+        busi_io.atomic_write_json(fp_path, fingerprint)
     return workdir
 
 
@@ -786,8 +805,7 @@ def train_and_evaluate(
         )
     # The data are loaded before the workdir is touched, so a missing or bad
     # dataset (or a bad segmenter_workdir) leaves nothing behind.
-    workdir = check_workdir(workdir, config)
-    busi_io.atomic_write_json(workdir / DATA_FINGERPRINT, data_lib.fingerprint(config.data))
+    workdir = check_workdir(workdir, config, data_lib.fingerprint(config.data))
     steps_per_epoch = n_train // config.batch_size
 
     mesh = Mesh(np.array(jax.devices()), ("data",))

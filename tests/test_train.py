@@ -90,6 +90,10 @@ def test_run_resumes_after_its_dataset_moved(tiny_config, tiny_data_dir, tmp_pat
     tiny_config.data.data_dir = str(moved)
     assert data.fingerprint(tiny_config.data) == fp
     assert train.train_and_evaluate(tiny_config, tmp_path / "wd") == first
+    # The build there holding other scans: resuming would mix two datasets.
+    (tmp_path / "wd" / train.DATA_FINGERPRINT).write_text(json.dumps(dict(fp, train="0" * 16)))
+    with pytest.raises(train.ConfigError, match="trained on other scans"):
+        train.train_and_evaluate(tiny_config, tmp_path / "wd")
 
 
 def test_speed_options_may_change_on_resume(tiny_config, tmp_path):
