@@ -10,7 +10,8 @@ index inside the jitted step, augments it there, and shards it over the
 ``data`` axis of a device mesh (one device on a laptop, all local devices
 otherwise; GSPMD inserts the gradient all-reduce).
 
-Workdir layout: ``config.json`` (written first), ``checkpoints/latest`` and
+Workdir layout: ``config.json`` (written first), ``data_fingerprint.json``
+(the scans of each split, :func:`same_scans`), ``checkpoints/latest`` and
 ``checkpoints/best`` (see :mod:`busi_jax.checkpoints`), ``metrics.jsonl`` (one
 line per epoch), ``tensorboard/`` and, at the end, ``final_metrics.json``.
 """
