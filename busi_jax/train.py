@@ -722,6 +722,15 @@ def _fingerprint_of(data_json: str) -> dict:
     return data_lib.fingerprint(json.loads(data_json))
 
 
+def data_fingerprint(data: ml_collections.ConfigDict) -> dict:
+    """``data.fingerprint`` of a data config, computed once per config and process.
+
+    A pipeline or a classifier on fold masks checks its segmenters against
+    the same data it then trains on: one pass over the splits serves both.
+    """
+    return _fingerprint_of(json.dumps(json.loads(data.to_json_best_effort()), sort_keys=True))
+
+
 def same_scans(run_dir: str | os.PathLike[str], data: ml_collections.ConfigDict) -> bool:
     """Whether the run in ``run_dir`` was trained on the scans and splits ``data`` holds.
 
@@ -732,8 +741,7 @@ def same_scans(run_dir: str | os.PathLike[str], data: ml_collections.ConfigDict)
     saved = pathlib.Path(run_dir) / DATA_FINGERPRINT
     if not saved.exists():
         return True
-    key = json.dumps(json.loads(data.to_json_best_effort()), sort_keys=True)
-    return json.loads(saved.read_text()) == _fingerprint_of(key)
+    return json.loads(saved.read_text()) == data_fingerprint(data)
 
 
 def data_identity(data: ml_collections.ConfigDict, ignore_fold: bool = False) -> dict:
@@ -806,7 +814,7 @@ def train_and_evaluate(
         )
     # The data are loaded before the workdir is touched, so a missing or bad
     # dataset (or a bad segmenter_workdir) leaves nothing behind.
-    workdir = check_workdir(workdir, config, data_lib.fingerprint(config.data))
+    workdir = check_workdir(workdir, config, data_fingerprint(config.data))
     steps_per_epoch = n_train // config.batch_size
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
