@@ -6,7 +6,7 @@ Usage::
     python -m busi_jax.bench --models=unetpp,unet,sunet --widths=8,16 --batch=16 --steps=6
 
 ``--quick`` times the width-16 U-Net++ only (JAX fp32 with XLA's kernels, the C++
-weight gradient and, on AMX CPUs, the AMX kernels; PyTorch fp32 channels_last
+weight gradient and, on CPUs with AMX or AVX-512 BF16, the bf16 kernels; PyTorch fp32 channels_last
 and PyTorch bf16), with 3 timed steps unless ``--steps`` says otherwise, to stay
 within 5 minutes on 2 free cores (a step is about 175 GFLOP); the full run covers
 U-Net, U-Net++ and SUNet at widths 8 and 16, JAX in fp32 and bf16 and PyTorch in
@@ -35,7 +35,7 @@ How each number is measured:
   framework it times, so this is that configuration's own peak.
 * ``gflop_per_step``: XLA's count for the compiled JAX train step
   (``cost_analysis()['flops']``: forward, backward, augmentation and Adam;
-  for ``nhwc/native`` and ``nhwc/native_amx`` rows, that of the same step
+  for ``nhwc/native``, ``nhwc/native_bf16`` and ``nhwc/native_amx`` rows, that of the same step
   with XLA's kernels, since XLA cannot see inside the C++ ones).
   PyTorch rows reuse the JAX fp32 count of the same architecture: the networks
   are identical (their parameter counts are asserted equal).
@@ -44,11 +44,11 @@ How each number is measured:
   same run as the best GFLOP/s of square ``--matmul_n`` products with
   ``jnp.dot`` and, when PyTorch is there, ``torch.mm`` (the higher of the two is
   the machine's peak: on CPUs with AMX, oneDNN's bf16 kernels are far faster
-  than XLA's). Both frameworks' peaks are in the header. ``native_amx`` rows
-  multiply in bf16 and are measured against the bf16 peak.
+  than XLA's). Both frameworks' peaks are in the header. ``native_bf16`` and
+  ``native_amx`` rows multiply in bf16 and are measured against the bf16 peak.
 
 Output: a table on stdout, the PyTorch/JAX parameter counts, the ratios JAX fp32
-(float32 products: AMX rows excluded) / PyTorch fp32 channels_last, best JAX
+(float32 products: bf16-kernel rows excluded) / PyTorch fp32 channels_last, best JAX
 (any row) / PyTorch fp32 channels_last and best JAX / PyTorch bf16 per
 network, and with
 ``--output`` a JSON file ``{"header": {...}, "rows": [...]}`` whose rows have the
@@ -766,7 +766,7 @@ def matmul_peaks(n: int = 2048, with_torch: bool = True) -> dict:
 def add_fraction_of_peak(row: dict, peak_gflops: dict[str, float]) -> dict:
     """Sets ``fraction_of_peak`` = achieved GFLOP/s / the peak of the row's precision.
 
-    Rows whose convolutions multiply in bf16 on AMX (layout ``*amx*``) are
+    Rows whose convolutions multiply in bf16 (layout ``*native_amx`` or ``*native_bf16``) are
     measured against the bf16 matmul peak; XLA's matmul does not use AMX, so
     such a row can exceed 1.
     """
@@ -778,7 +778,8 @@ def add_fraction_of_peak(row: dict, peak_gflops: dict[str, float]) -> dict:
 
 
 def _amx_row(row: dict) -> bool:
-    return "amx" in (row.get("layout") or "")
+    # Rows on the bf16 conv kernels (AMX tiles or AVX-512 BF16).
+    return (row.get("layout") or "").endswith(("native_amx", "native_bf16"))
 
 
 def public_row(row: dict) -> dict:
@@ -1091,8 +1092,8 @@ def time_wgrad_layers(
 
     from busi_jax.models.conv import (
         AMX_CHANNELS,
-        amx_available,
         amx_weight_gradient,
+        bf16_kernels_available,
         native_weight_gradient,
     )
 
@@ -1117,7 +1118,7 @@ def time_wgrad_layers(
             return amx_weight_gradient(x, g, w.shape, (1, 1), ((1, 1), (1, 1)))
 
         fns = {"xla": jax.jit(xla), "native": jax.jit(native)}
-        if amx_available() and c_in % AMX_CHANNELS == 0 and c_out % AMX_CHANNELS == 0:
+        if bf16_kernels_available() and c_in % AMX_CHANNELS == 0 and c_out % AMX_CHANNELS == 0:
             fns["amx"] = jax.jit(amx)
         out = {k: jax.block_until_ready(f(x, g)) for k, f in fns.items()}
         ms = {}
@@ -1321,7 +1322,7 @@ def format_table(result: dict) -> str:
         lines.append(
             f"  {r['model']} w{r['width']}: JAX fp32 / PyTorch fp32 channels_last"
             f" {f(r['jax_fp32_over_torch_fp32_channels_last'], '.2f')}x;"
-            f" best JAX (AMX bf16 included) / PyTorch fp32 channels_last"
+            f" best JAX (bf16 kernels included) / PyTorch fp32 channels_last"
             f" {f(r.get('jax_best_over_torch_fp32_channels_last'), '.2f')}x;"
             f" best JAX / PyTorch bf16 {f(r['jax_best_over_torch_bf16'], '.2f')}x"
         )
@@ -1377,8 +1378,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--jax_wgrad",
         type=_csv(str),
         default=None,
-        help="JAX conv kernels: xla, native (C++ weight gradient), native_amx (all three conv"
-        " passes on AMX in bf16) (default xla; with --quick xla,native and, on AMX CPUs, native_amx)",
+        help="JAX conv kernels: xla, native (C++ weight gradient), native_bf16 (all three conv"
+        " passes in bf16 on AMX or AVX-512 BF16), native_amx (the same, AMX only) (default xla;"
+        " with --quick xla,native and, on CPUs with AMX or AVX-512 BF16, native_bf16)",
     )
     p.add_argument(
         "--wgrad_layers",
@@ -1446,9 +1448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown model(s) {unknown}; choose from {list(MODELS)}", file=sys.stderr)
         return 1
     from busi_jax.models.blocks import WGRAD_MODES
-    from busi_jax.models.conv import amx_available
+    from busi_jax.models.conv import bf16_kernels_available
 
-    quick_kernels = ["xla", "native"] + (["native_amx"] if amx_available() else [])
+    quick_kernels = ["xla", "native"] + (["native_bf16"] if bf16_kernels_available() else [])
     jax_wgrad = args.jax_wgrad or (quick_kernels if args.quick else ["xla"])
 
     bad = sorted(set(jax_wgrad) - set(WGRAD_MODES))

@@ -27,7 +27,7 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-KERNELS = ("xla", "native_amx")
+KERNELS = ("xla", "native_amx", "native_bf16")
 
 
 def validation_mask_source(config: ml_collections.ConfigDict) -> str:
@@ -46,10 +46,11 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     Args:
         workdir: a training workdir.
         kernels: 'xla' (default: float32 convolutions, differentiable, so
-            Grad-CAM works, and no C++ compiler needed) or 'native_amx' (the
-            3x3 convolutions on AMX tiles in bf16 with eval-mode BatchNorm and
-            ReLU folded in: the fastest CPU forward pass, no gradients; needs
-            an AMX CPU and a C++ compiler; see busi_jax.models.conv). The
+            Grad-CAM works, and no C++ compiler needed), 'native_bf16' (the
+            3x3 convolutions in bf16 with eval-mode BatchNorm and ReLU folded
+            in, on AMX tiles or else AVX-512 BF16: the fastest CPU forward
+            pass, no gradients; needs such a CPU and a C++ compiler; see
+            busi_jax.models.conv) or 'native_amx' (the same, AMX tiles only). The
             checkpoint is the same either way; models without AMX kernels
             (the classifier) run on XLA whatever this says.
 
@@ -58,14 +59,14 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
 
     Raises:
         ValueError: unknown ``kernels``.
-        busi_jax.native.NativeBuildError: 'native_amx' where it cannot run.
+        busi_jax.native.NativeBuildError: 'native_bf16' / 'native_amx' where it cannot run.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r} is not valid; choose one of {KERNELS}")
     config = load_config(workdir)
     model_config = config.model.to_dict()
-    if kernels == "native_amx":
-        _check_amx()
+    if kernels != "xla":
+        _check_bf16(kernels)
     if "wgrad" in models_lib.model_options(model_config["name"]):
         # A training-speed option, not part of the model: whatever the run
         # trained with, inference uses the kernels asked for here. Models
@@ -90,13 +91,19 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     return config, model, variables
 
 
-def _check_amx() -> None:
+def _check_bf16(kernels: str) -> None:
     from busi_jax import native
     from busi_jax.models import conv
 
-    if not conv.amx_available():
+    if kernels == "native_amx" and not conv.amx_available():
         raise native.NativeBuildError(
-            "kernels='native_amx' needs a CPU with AMX bf16 tiles; use kernels='xla'"
+            "kernels='native_amx' needs a CPU with AMX bf16 tiles; use kernels='native_bf16'"
+            " (AMX or AVX-512 BF16) or 'xla'"
+        )
+    if not conv.bf16_kernels_available():
+        raise native.NativeBuildError(
+            f"kernels={kernels!r} needs a CPU with AMX bf16 tiles or AVX-512 BF16; use"
+            " kernels='xla'"
         )
     conv.amx_selftest()
 

@@ -9,7 +9,7 @@ and registered as a ``jax.ffi`` target for the CPU. Nothing is downloaded.
 The build writes to a temporary file and renames it into place, so an
 interrupted or concurrent build never leaves a half-written library.
 
-Only models configured with ``wgrad='native'`` or ``'native_amx'`` call
+Only models configured with ``wgrad='native'``, ``'native_bf16'`` or ``'native_amx'`` call
 this; the default (``'xla'``) needs no compiler.
 """
 

@@ -309,7 +309,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "must be 'same' or 'predicted'",
         )
     wgrad = config.model.get("wgrad", "xla")
-    if wgrad in ("native", "native_amx"):
+    if wgrad in ("native", "native_amx", "native_bf16"):
         # Build the C++ kernels now: a missing compiler is then one clear error
         # before any data is read, not a failure inside the first jit trace.
         from busi_jax import native
@@ -318,11 +318,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if wgrad == "native_amx" and not conv.amx_available():
             raise ConfigError(
                 "config.model.wgrad='native_amx' needs a CPU with AMX bf16 tiles (amx_tile and"
-                " amx_bf16 in /proc/cpuinfo), and this one has none: use 'native' or 'xla'"
+                " amx_bf16 in /proc/cpuinfo), and this one has none: use 'native_bf16' (AMX or"
+                " AVX-512 BF16), 'native' or 'xla'"
+            )
+        if wgrad == "native_bf16" and not conv.bf16_kernels_available():
+            raise ConfigError(
+                "config.model.wgrad='native_bf16' needs a CPU with AMX bf16 tiles or AVX-512"
+                " BF16 (amx_bf16 or avx512_bf16 in /proc/cpuinfo), and this one has neither:"
+                " use 'native' or 'xla'"
             )
         try:
             native.load("conv_wgrad")
-            if wgrad == "native_amx":
+            if wgrad != "native":
                 native.load("conv_amx_wgrad")
                 conv.amx_selftest()
         except native.NativeBuildError as e:
@@ -685,7 +692,7 @@ def check_workdir(
 
 # Model options that change speed, not the function or the parameters: a run
 # may resume with other values (and runs saved before they existed lack them).
-# wgrad='native_amx' rounds conv inputs to bf16, like model.dtype='bfloat16'
+# wgrad='native_bf16' / 'native_amx' round conv inputs to bf16, like model.dtype='bfloat16'
 # would, but the parameters and what they compute stay the same model.
 SPEED_ONLY_MODEL_OPTIONS = ("wgrad", "wgrad_chunks")
 # Where the data live, not what they are: a workdir trained on a copy of the

@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.norm = "batch"  # 'batch' | 'group' | 'none'.
     config.model.upsample = "transpose"  # 'transpose' or 'bilinear'/'nearest' resize + conv.
     config.model.dtype = "float32"  # Compute dtype ('bfloat16' keeps float32 parameters).
-    # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_amx' (+AMX bf16).
+    # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_bf16' (+bf16 fwd/bwd
+    # on AMX or AVX-512 BF16), 'native_amx' (the same, AMX only).
     config.model.wgrad = "xla"
 
     config.loss = "dice"  # 'dice' (paper) | 'dice_bce' | 'bce'.

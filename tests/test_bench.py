@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from busi_jax import bench
-from busi_jax.models.conv import amx_available
+from busi_jax.models.conv import bf16_kernels_available
 
 TINY = {"batch": 2, "image_size": 32, "depth": 2}
 TINY_ARGS = [
@@ -52,11 +52,12 @@ def test_jax_row_schema(no_torch_run):
     status, _, result = no_torch_run
     assert status == 0
     assert set(result) == {"header", "rows"}
-    # --quick times XLA's weight gradient, the C++ kernel's and, on AMX CPUs,
-    # the AMX kernels.
-    row, native_row, *amx_rows = result["rows"]
+    # --quick times XLA's weight gradient, the C++ kernel's and, on CPUs with
+    # AMX or AVX-512 BF16, the bf16 kernels.
+    row, native_row, *bf16_rows = result["rows"]
     assert native_row["layout"] == "nhwc/native" and native_row["train_img_per_s"] > 0
-    assert [r["layout"] for r in amx_rows] == (["nhwc/native_amx"] if amx_available() else [])
+    expected = ["nhwc/native_bf16"] if bf16_kernels_available() else []
+    assert [r["layout"] for r in bf16_rows] == expected
     assert tuple(row) == bench.ROW_FIELDS
     assert (row["framework"], row["model"], row["width"], row["precision"], row["batch"]) == (
         "jax",
@@ -127,6 +128,13 @@ def test_fraction_of_peak_and_ratios():
     (r,) = bench.ratios([*rows, amx_row])
     assert r["jax_fp32_over_torch_fp32_channels_last"] == pytest.approx(2.0)
     assert r["jax_best_over_torch_fp32_channels_last"] == pytest.approx(6.0)
+    assert r["jax_best_over_torch_bf16"] == pytest.approx(4.0)
+    # So does a row on the AVX-512 BF16 kernels.
+    avx_row = {**amx_row, "layout": "nhwc/native_bf16"}
+    bench.add_fraction_of_peak(avx_row, {"fp32": 100.0, "bf16": 400.0})
+    assert avx_row["fraction_of_peak"] == pytest.approx(0.05)
+    (r,) = bench.ratios([*rows, avx_row])
+    assert r["jax_fp32_over_torch_fp32_channels_last"] == pytest.approx(2.0)
     assert r["jax_best_over_torch_bf16"] == pytest.approx(4.0)
 
 

@@ -12,20 +12,50 @@ import pytest
 
 from busi_jax import models, native
 from busi_jax.models import blocks
+from busi_jax.models import conv as conv_lib
 from busi_jax.models.conv import (
     amx_available,
     amx_conv,
     amx_conv_general_dilated,
     amx_input_gradient,
     amx_weight_gradient,
+    avx512_bf16_available,
+    bf16_kernels_available,
     chunked_conv,
     native_weight_gradient,
     native_wgrad_conv,
 )
 
-# The project's machines (and its CI) have AMX; elsewhere these are skipped
-# and model.wgrad='native_amx' is refused by the config check (test_train).
-needs_amx = pytest.mark.skipif(not amx_available(), reason="this CPU has no AMX bf16 tiles")
+# The bf16 kernels run on AMX tiles or, without them, on AVX-512 BF16; the
+# project's machines have had one or the other (and CI runs on them). Each
+# bf16-kernel test runs on every unit this CPU has (an AMX CPU also has
+# AVX-512 BF16, so both paths get tested there); on a CPU with neither they
+# are skipped and model.wgrad='native_bf16' is refused by the config check
+# (test_train).
+needs_bf16 = pytest.mark.skipif(
+    not bf16_kernels_available(), reason="this CPU has neither AMX nor AVX-512 BF16"
+)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "amx", marks=pytest.mark.skipif(not amx_available(), reason="no AMX bf16 tiles")
+        ),
+        pytest.param(
+            "avx512_bf16",
+            marks=pytest.mark.skipif(not avx512_bf16_available(), reason="no AVX-512 BF16"),
+        ),
+    ]
+)
+def bf16_unit(request, monkeypatch):
+    """Runs the test on one unit: AMX, or AVX-512 BF16 (AMX hidden where present)."""
+    if request.param == "avx512_bf16":
+        monkeypatch.setattr(conv_lib, "amx_available", lambda: False)
+    return request.param
+
+
+on_bf16_units = pytest.mark.usefixtures("bf16_unit")
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -238,7 +268,7 @@ def test_native_build_failure_names_the_source(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == []
 
 
-@needs_amx
+@on_bf16_units
 @pytest.mark.parametrize(
     "shape,kernel,dilation,c_out,pads",
     [
@@ -263,7 +293,7 @@ def test_amx_conv_is_xla_conv_of_bf16_inputs(shape, kernel, dilation, c_out, pad
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@needs_amx
+@on_bf16_units
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_amx_input_gradient_is_xla_vjp_of_bf16_inputs(dilation):
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32))
@@ -276,7 +306,7 @@ def test_amx_input_gradient_is_xla_vjp_of_bf16_inputs(dilation):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_conv_gradients_close_to_xla_float32():
     """Forward and both gradients within bf16 rounding of XLA's float32 ones."""
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
@@ -297,7 +327,7 @@ def _targets(conv_fn, x, w):
     return re.findall(r"target_name=(\w+)", text)
 
 
-@needs_amx
+@on_bf16_units
 @pytest.mark.parametrize(
     "shape,c_out,dilation",
     [
@@ -315,7 +345,7 @@ def test_amx_weight_gradient_is_native_of_bf16_inputs(shape, c_out, dilation):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(ref))))
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_conv_falls_back_where_shapes_do_not_fit():
     """8 channels or a 12-px-wide output: the C++ weight gradient only (no AMX call)."""
     for xs, ws in (((2, 8, 8, 8), (3, 3, 8, 16)), ((2, 12, 12, 16), (3, 3, 16, 16))):
@@ -323,16 +353,16 @@ def test_amx_conv_falls_back_where_shapes_do_not_fit():
         assert _targets(amx_conv_general_dilated, x, w) == ["busi_conv_wgrad"]
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_loss_curve_tracks_xla():
     """Six Adam steps of a width-16 U-Net++ on AMX stay within bf16 noise of XLA's float32."""
     xla = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="xla")
-    amx = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="native_amx")
+    amx = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="native_bf16")
     assert xla[-1] < xla[0] and amx[-1] < amx[0]
     np.testing.assert_allclose(amx, xla, rtol=1e-2)
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_kernels_take_bfloat16_buffers_as_they_are():
     """bf16 in, bf16 out (forward, input gradient); the same sums as from float32."""
     x = _bf16(jax.random.normal(jax.random.key(0), (2, 16, 16, 32)))
@@ -355,16 +385,16 @@ def test_amx_kernels_take_bfloat16_buffers_as_they_are():
     np.testing.assert_array_equal(g16, g32)
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_with_bfloat16_activations_tracks_float32():
     """The fastest setting (bf16 activations + AMX) keeps the loss curve within 2%."""
     xla = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="xla")
-    amx = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="native_amx", dtype="bfloat16")
+    amx = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="native_bf16", dtype="bfloat16")
     assert amx[-1] < amx[0]
     np.testing.assert_allclose(amx, xla, rtol=2e-2)
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_selftest_passes_here():
     """The config check's probe runs the kernel on this machine (and would name the failure)."""
     from busi_jax.models.conv import amx_selftest
@@ -372,7 +402,7 @@ def test_amx_selftest_passes_here():
     amx_selftest()
 
 
-@needs_amx
+@on_bf16_units
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_amx_affine_relu_epilogue_is_applied_to_the_float32_sums(out_dtype):
     """scale/shift + ReLU in the store: relu(conv * scale + shift), one rounding at the end."""
@@ -392,11 +422,11 @@ def test_amx_affine_relu_epilogue_is_applied_to_the_float32_sums(out_dtype):
     )  # The plain call is untouched.
 
 
-@needs_amx
+@on_bf16_units
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch):
     """train=False: conv + running-average BatchNorm + ReLU as one AMX call, same result."""
-    block = blocks.ConvBlock(features=32, wgrad="native_amx", dtype=dtype)
+    block = blocks.ConvBlock(features=32, wgrad="native_bf16", dtype=dtype)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
     v = block.init(jax.random.key(1), x, train=False)
     # Running statistics and affine parameters away from their initial 0/1.
@@ -423,7 +453,7 @@ def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch
     assert "busi_conv_amx_affine_relu" not in train_text
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_conv_of_parts_is_the_conv_of_their_concatenation():
     """U-Net skips: the parts are read where they lie, bit-identical to concatenating first."""
     keys = jax.random.split(jax.random.key(0), 6)
@@ -442,9 +472,9 @@ def test_amx_conv_of_parts_is_the_conv_of_their_concatenation():
         amx_conv(parts, w, (1, 1), (1, 1), (16, 16))
 
 
-@needs_amx
+@on_bf16_units
 def test_conv_block_given_parts_convolves_their_concatenation():
-    block = blocks.ConvBlock(features=16, wgrad="native_amx")
+    block = blocks.ConvBlock(features=16, wgrad="native_bf16")
     parts = [jax.random.normal(jax.random.key(i), (1, 16, 16, 16)) for i in range(3)]
     cat = jnp.concatenate(parts, axis=-1)
     v = block.init(jax.random.key(3), cat, train=False)
@@ -466,28 +496,28 @@ def test_load_model_refuses_unknown_kernels(tiny_pipeline):
         inference.load_model(workdir / "segmenter", kernels="fast")
 
 
-@needs_amx
+@on_bf16_units
 def test_mask_predictor_on_amx_kernels_agrees_with_xla(tiny_pipeline, tiny_data_dir):
     """Same checkpoint, other kernels: the masks agree up to bf16 rounding at the threshold."""
     from busi_jax import data, inference
 
     config, workdir, _ = tiny_pipeline
-    _, model, _ = inference.load_model(workdir / "segmenter", kernels="native_amx")
-    assert model.wgrad == "native_amx"
+    _, model, _ = inference.load_model(workdir / "segmenter", kernels="native_bf16")
+    assert model.wgrad == "native_bf16"
     images = data.load_split(config.segmenter.data, "validation")["image"]
     xla = inference.mask_predictor(workdir / "segmenter")(images)
-    amx = inference.mask_predictor(workdir / "segmenter", kernels="native_amx")(images)
+    amx = inference.mask_predictor(workdir / "segmenter", kernels="native_bf16")(images)
     assert amx.shape == xla.shape and np.mean(amx != xla) < 0.01
     # The classifier has no AMX path: it loads and runs on XLA.
-    _, clf, _ = inference.load_model(workdir / "classifier", kernels="native_amx")
+    _, clf, _ = inference.load_model(workdir / "classifier", kernels="native_bf16")
     assert not hasattr(clf, "wgrad")
 
 
-@needs_amx
+@on_bf16_units
 def test_amx_deconv_is_the_matmul_of_bf16_inputs_with_its_gradients():
-    """Deconv2x2(wgrad='native_amx'): the same function and gradients on AMX, bf16 products."""
+    """Deconv2x2(wgrad='native_bf16'): the same function and gradients in bf16 products."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
-    amx = blocks.Deconv2x2(16, wgrad="native_amx")
+    amx = blocks.Deconv2x2(16, wgrad="native_bf16")
     ref = blocks.Deconv2x2(16)
     v = ref.init(jax.random.key(1), x)
     v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
@@ -508,7 +538,7 @@ def test_amx_deconv_is_the_matmul_of_bf16_inputs_with_its_gradients():
     assert "busi_conv_amx" not in jax.jit(amx.apply).lower(v8, x8).as_text()
 
 
-@pytest.mark.parametrize("kernel", ["native", pytest.param("amx", marks=needs_amx)])
+@pytest.mark.parametrize("kernel", ["native", pytest.param("amx", marks=needs_bf16)])
 def test_weight_gradients_are_bit_identical_call_to_call(kernel):
     """Images are summed in a fixed order, whatever the threads did: no run-to-run drift."""
     x = jax.random.normal(jax.random.key(0), (13, 16, 16, 32))

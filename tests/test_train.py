@@ -113,6 +113,19 @@ def test_native_amx_without_amx_is_a_config_error(tiny_config, tmp_path, monkeyp
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_native_bf16_without_amx_or_avx512_bf16_is_a_config_error(
+    tiny_config, tmp_path, monkeypatch
+):
+    from busi_jax.models import conv
+
+    monkeypatch.setattr(conv, "amx_available", lambda: False)
+    monkeypatch.setattr(conv, "avx512_bf16_available", lambda: False)
+    tiny_config.model.wgrad = "native_bf16"
+    with pytest.raises(train.ConfigError, match="AMX bf16 tiles or AVX-512 BF16"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_native_amx_refused_by_the_os_is_a_config_error(tiny_config, tmp_path, monkeypatch):
     from busi_jax.models import conv
 

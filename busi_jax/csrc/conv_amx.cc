@@ -21,11 +21,18 @@
 // all taps and channels before one store into y. The weight gradient, the
 // third pass, is the second handler in this file (BusiConvAmxWgrad).
 //
+// CPUs without AMX but with AVX-512 BF16 (AMD Zen 4, Intel Cooper Lake) run
+// the same three passes on vdpbf16ps instead (MicroAvx, WgradAvx: same
+// buffers, same packed kernel, same sums up to float32 summation order);
+// every handler's `unit` attribute picks the path (0: AMX, 1: AVX-512 BF16;
+// busi_jax.models.conv.bf16_unit chooses).
+//
 // Requires C and O multiples of 16 and Wo a multiple of 8 (the Python side
 // checks; other convolutions stay on XLA). Built on first use by
-// busi_jax/native.py; the AMX code carries its own target attributes, so the
-// library compiles on any x86-64 g++ >= 11, and a CPU or kernel without AMX
-// gets an error from the first call, never wrong numbers.
+// busi_jax/native.py; the AMX and AVX-512 BF16 code carries its own target
+// attributes, so the library compiles on any x86-64 g++ >= 11, and a CPU or
+// kernel without the unit asked for gets an error from the first call,
+// never wrong numbers.
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -38,6 +45,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "image_sum.h"
@@ -48,6 +56,17 @@ namespace ffi = xla::ffi;
 namespace {
 
 #define BUSI_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+// The AVX-512 BF16 path and the helpers both paths share: no AMX instruction.
+#define BUSI_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+// Which unit multiplies (the handlers' `unit` attribute).
+constexpr int64_t kUnitAmx = 0;
+constexpr int64_t kUnitAvx512Bf16 = 1;
+
+bool HasAvx512Bf16() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
 
 constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE feature.
 constexpr long kXfeatureXtiledata = 18;     // AMX tile data.
@@ -69,7 +88,7 @@ struct TileConfig {
 
 // Two rows of 16 values (float32 or bf16) as AMX's pair-interleaved bf16:
 // [a0, b0, a1, b1, ..., a15, b15], one 64-byte vector.
-BUSI_AMX inline __m512i InterleaveRows(const void* a, const void* b, bool bf16) {
+BUSI_BF16 inline __m512i InterleaveRows(const void* a, const void* b, bool bf16) {
   alignas(64) static const uint16_t kPairs[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
                                                   21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
                                                   11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -103,6 +122,7 @@ struct Geometry {
   int64_t K;  // channels per tile (32 or 16); divides C
   int64_t band;  // output rows per task
   bool y_bf16;  // element type of y (else float32)
+  int64_t unit = kUnitAmx;  // kUnitAmx: tiles; kUnitAvx512Bf16: K = C, MicroAvx
   // Optional epilogue y = max(0, conv * scale[o] + shift[o]): an eval-mode
   // BatchNorm and ReLU folded into the store (BusiConvAmxAffineRelu).
   const float* scale = nullptr;
@@ -125,7 +145,7 @@ struct Geometry {
   } while (0)
 
 // M rows of 16 float32 sums in scratch -> y row pixels w0.., channels o0..o0+15.
-BUSI_AMX inline void StoreRows(const float* scratch, void* yrow, const Geometry& g, int64_t w0,
+BUSI_BF16 inline void StoreRows(const float* scratch, void* yrow, const Geometry& g, int64_t w0,
                                int64_t o0) {
   __m512 scale = _mm512_set1_ps(1.0f), shift = _mm512_setzero_ps();
   if (g.scale != nullptr) {
@@ -209,7 +229,7 @@ BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, void* yro
 // x rows [r_lo, r_lo + rows) of image b (r may fall outside 0..H-1), its
 // parts side by side, into a zero-padded bf16 buffer whose column 0 is input
 // column -pad_w.
-BUSI_AMX void PadToBf16(const std::vector<Part>& parts, int64_t b, uint16_t* out,
+BUSI_BF16 void PadToBf16(const std::vector<Part>& parts, int64_t b, uint16_t* out,
                         const Geometry& g, int64_t r_lo, int64_t rows) {
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
   std::memset(out, 0, rows * wp * g.C * sizeof(uint16_t));
@@ -274,9 +294,108 @@ BUSI_AMX void RunBand(const std::vector<Part>& parts, const uint16_t* packed, vo
   _tile_release();
 }
 
+// ---------------------------------------------------------------------------
+// The same forward pass without AMX, on AVX-512 BF16 (vdpbf16ps: 16 float32
+// lanes, each adding a dot product of one bf16 pair). Per tap and channel
+// pair, one 32-bit broadcast of an input pixel's pair times the packed
+// kernel's pair rows (K = C, so a tap's pairs for one 16-wide output block
+// lie in one run) adds into that pixel's 16 output channels. NP pixels x NO
+// output blocks of accumulators stay in registers over all taps and
+// channels, then are stored once (with the optional epilogue).
+
+// acc[q] += the bf16 pair at `pair`, broadcast, dotted with kv[q]'s pairs.
+// kEmbedded with one output block: the pair is vdpbf16ps's broadcast memory
+// operand, not a broadcast instruction of its own competing with the
+// products for the vector ports (GCC does not fold it, hence the asm). It
+// pays in the weight gradient (1.2-1.5x at 16 outputs) but not in the
+// forward pass (0.6-0.7x: the asm pins the compiler's schedule), measured
+// per layer here; with several blocks one broadcast serves them all.
+template <int NO, bool kEmbedded>
+BUSI_BF16 inline void DotBroadcastPair(__m512 (&acc)[NO], const __m512bh (&kv)[NO],
+                                       const uint16_t* pair) {
+  if constexpr (NO == 1 && kEmbedded) {
+    asm("vdpbf16ps %[m]%{1to16%}, %[k], %[acc]"
+        : [acc] "+v"(acc[0])
+        : [k] "v"(kv[0]), [m] "m"(*reinterpret_cast<const int32_t*>(pair)));
+  } else {
+    int32_t bits;
+    std::memcpy(&bits, pair, 4);
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(bits);
+    for (int q = 0; q < NO; ++q) acc[q] = _mm512_dpbf16_ps(acc[q], xv, kv[q]);
+  }
+}
+
+// One vector of 16 float32 sums -> y row pixel w, channels o0..o0+15.
+BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t w, int64_t o0) {
+  if (g.scale != nullptr)
+    v = _mm512_max_ps(
+        _mm512_fmadd_ps(v, _mm512_loadu_ps(g.scale + o0), _mm512_loadu_ps(g.shift + o0)),
+        _mm512_setzero_ps());
+  if (g.y_bf16) {
+    __m256bh b = _mm512_cvtneps_pbh(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + w * g.O + o0),
+                        reinterpret_cast<__m256i&>(b));
+  } else {
+    _mm512_storeu_ps(static_cast<float*>(yrow) + w * g.O + o0, v);
+  }
+}
+
+template <int NP, int NO>
+BUSI_BF16 inline void MicroAvx(const uint16_t* in, const uint16_t* packed, void* yrow,
+                               const Geometry& g, int64_t hl, int64_t w0, int64_t ob0) {
+  static_assert(NP * NO <= 24, "accumulators must leave registers for operands");
+  __m512 acc[NP][NO];
+  for (int p = 0; p < NP; ++p)
+    for (int q = 0; q < NO; ++q) acc[p][q] = _mm512_setzero_ps();
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
+  const int64_t C = g.C, nob = g.O / 16, block = C * 16;
+  for (int64_t i = 0; i < g.KH; ++i) {
+    const uint16_t* row = in + (hl + i * g.dil_h) * wp * C;
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const uint16_t* base = row + (w0 + j * g.dil_w) * C;
+      const uint16_t* kt = packed + ((i * g.KW + j) * nob + ob0) * block;
+      for (int64_t c = 0; c < C; c += 2) {
+        __m512bh kv[NO];
+        for (int q = 0; q < NO; ++q)
+          kv[q] = (__m512bh)_mm512_loadu_si512(kt + q * block + c * 16);
+        for (int p = 0; p < NP; ++p) DotBroadcastPair<NO, false>(acc[p], kv, base + p * C + c);
+      }
+    }
+  }
+  for (int p = 0; p < NP; ++p)
+    for (int q = 0; q < NO; ++q) StoreVec(acc[p][q], yrow, g, w0 + p, (ob0 + q) * 16);
+}
+
+BUSI_BF16 void RunBandAvx(const std::vector<Part>& parts, const uint16_t* packed, void* y,
+                          const Geometry& g, int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
+  const int64_t ybytes = g.y_bf16 ? 2 : 4;
+  const int64_t h1 = std::min(g.Ho, h0 + g.band);
+  const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
+  buf.resize(rows * wp * g.C);
+  PadToBf16(parts, b, buf.data(), g, h0 - g.pad_h, rows);
+  const int64_t nob = g.O / 16;
+  const uint16_t* in = buf.data();
+  for (int64_t h = h0; h < h1; ++h) {
+    void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * ybytes;
+    const int64_t hl = h - h0;
+    int64_t ob = 0;
+    // Wo is a multiple of 8: eight-pixel runs, as many output blocks as fit.
+    for (; ob + 3 <= nob; ob += 3)
+      for (int64_t w = 0; w < g.Wo; w += 8) MicroAvx<8, 3>(in, packed, yrow, g, hl, w, ob);
+    for (; ob + 2 <= nob; ob += 2)
+      for (int64_t w = 0; w < g.Wo; w += 8) MicroAvx<8, 2>(in, packed, yrow, g, hl, w, ob);
+    for (; ob < nob; ++ob) {
+      int64_t w = 0;
+      for (; w + 16 <= g.Wo; w += 16) MicroAvx<16, 1>(in, packed, yrow, g, hl, w, ob);
+      for (; w < g.Wo; w += 8) MicroAvx<8, 1>(in, packed, yrow, g, hl, w, ob);
+    }
+  }
+}
+
 // k [KH, KW, C, O] float32 -> per tap, channel chunk and 16-wide output
 // block, a K/2 x 16 tile of bf16 pairs: tile[k/2][n][k%2] = k[tap, chunk*K + k, block*16 + n].
-BUSI_AMX std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const Geometry& g) {
+BUSI_BF16 std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const Geometry& g) {
   const int64_t taps = g.KH * g.KW, nkc = g.C / g.K, nob = g.O / 16;
   std::vector<uint16_t> out(taps * g.C * g.O);
   for (int64_t t = 0; t < taps; ++t)
@@ -310,7 +429,12 @@ struct Work {
     std::vector<uint16_t> buf;
     int64_t finished = 0;
     for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-      RunBand(parts, packed, y, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
+      const int64_t b = t / bands_per_image, h0 = (t % bands_per_image) * g.band;
+      if (g.unit == kUnitAmx) {
+        RunBand(parts, packed, y, g, b, h0, buf);
+      } else {
+        RunBandAvx(parts, packed, y, g, b, h0, buf);
+      }
       ++finished;
     }
     if (finished == 0) return;
@@ -319,6 +443,22 @@ struct Work {
     if (done == tasks) cv.notify_all();
   }
 };
+
+// Whether `unit` can run here; the error names the kernel and what to use.
+ffi::Error CheckUnit(int64_t unit, const char* kernel) {
+  if (unit == kUnitAmx) {
+    if (AmxPermitted()) return ffi::Error::Success();
+    return ffi::Error::Internal(std::string(kernel) +
+                                ": the kernel refused AMX tile state (arch_prctl); use "
+                                "model.wgrad='native_bf16' (AVX-512 BF16) or 'native'");
+  }
+  if (unit == kUnitAvx512Bf16) {
+    if (HasAvx512Bf16()) return ffi::Error::Success();
+    return ffi::Error::Internal(std::string(kernel) +
+                                ": this CPU has no AVX-512 BF16; use model.wgrad='native'");
+  }
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": unit must be 0 (AMX) or 1 (AVX-512 BF16)");
+}
 
 bool F32OrBf16(const ffi::AnyBuffer& b) {
   return b.element_type() == ffi::DataType::F32 || b.element_type() == ffi::DataType::BF16;
@@ -345,7 +485,7 @@ ffi::ErrorOr<std::vector<Part>> Parts(const std::vector<ffi::AnyBuffer>& xs) {
 ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& xs,
                        ffi::AnyBuffer k, const float* scale, const float* shift,
                        ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                       int64_t pad_w) {
+                       int64_t pad_w, int64_t unit) {
   if (xs.empty()) return ffi::Error::InvalidArgument("busi_conv_amx: no input");
   auto parts = Parts(xs);
   if (parts.has_error()) return parts.error();
@@ -366,9 +506,7 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
         "busi_conv_amx: needs C and O multiples of 16 and output width a multiple of 8");
   if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
     return ffi::Error::InvalidArgument("busi_conv_amx: negative padding or dilation < 1");
-  if (!AmxPermitted())
-    return ffi::Error::Internal(
-        "busi_conv_amx: the kernel refused AMX tile state (arch_prctl); use model.wgrad='native'");
+  if (ffi::Error e = CheckUnit(unit, "busi_conv_amx"); e.failure()) return e;
   auto work = std::make_shared<Work>();
   Geometry& g = work->g;
   g = Geometry{xd[1], xd[2], channels, yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
@@ -376,6 +514,8 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
                y->element_type() == ffi::DataType::BF16};
   g.scale = scale;
   g.shift = shift;
+  g.unit = unit;
+  if (unit == kUnitAvx512Bf16) g.K = channels;  // MicroAvx walks a tap's channels in one run.
   const int64_t batch = xd[0];
   void* out = y->untyped_data();
   if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
@@ -423,7 +563,7 @@ struct WgradGeometry {
   bool x_bf16, dy_bf16;  // element types (else float32)
 };
 
-BUSI_AMX void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeometry& g) {
+BUSI_BF16 void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeometry& g) {
   std::memset(xt, 0, g.C * g.Hp * g.Wp * sizeof(uint16_t));
   // Sixteen pixels of one channel per gather: the 16 cache lines they sit on
   // serve all C channels while they stay in L1.
@@ -461,7 +601,7 @@ BUSI_AMX void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeome
   }
 }
 
-BUSI_AMX void PairInterleavedBf16(const void* grad, uint16_t* dyv, const WgradGeometry& g) {
+BUSI_BF16 void PairInterleavedBf16(const void* grad, uint16_t* dyv, const WgradGeometry& g) {
   const int64_t es = g.dy_bf16 ? 2 : 4;
   for (int64_t p = 0; p < g.Ho * g.Wo; p += 2) {
     uint16_t* dst = dyv + p * g.O;
@@ -546,9 +686,75 @@ BUSI_AMX void WgradImage(const void* x, const void* dy, float* acc, const WgradG
   _tile_release();
 }
 
+// The weight gradient without AMX, on AVX-512 BF16: the same channel-major
+// x and pair-interleaved dy, but a broadcast x pair (two neighbouring output
+// pixels' inputs for one channel and tap) times a dy vector (those pixels'
+// gradients for 16 output channels) adds into that (tap, channel)'s 16
+// outputs. NC (tap, channel) combinations x NO output blocks of accumulators
+// stay in registers over a band of output rows; bands are sized so their dy
+// rows stay in L1 while every combination passes over them.
+
+// acc [KH*KW, C, O] += tap t, channels c0..c0+NC-1 x output blocks
+// ob..ob+NO-1, over output rows h0..h1 of one image. The channels' x rows
+// lie one plane apart, so one pointer walks them (no pointer per channel).
+template <int NC, int NO>
+BUSI_BF16 inline void WgradAvx(const uint16_t* xt, const uint16_t* dyv, float* acc,
+                               const WgradGeometry& g, int64_t t, int64_t c0, int64_t ob,
+                               int64_t h0, int64_t h1) {
+  static_assert(NC * NO <= 24, "accumulators must leave registers for operands");
+  const int64_t i = t / g.KW, j = t % g.KW, plane = g.Hp * g.Wp;
+  const uint16_t* xb = xt + c0 * plane + i * g.dil_h * g.Wp + j * g.dil_w;
+  float* a = acc + (t * g.C + c0) * g.O + ob * 16;
+  __m512 s[NC][NO];
+  for (int n = 0; n < NC; ++n)
+    for (int q = 0; q < NO; ++q) s[n][q] = _mm512_loadu_ps(a + n * g.O + q * 16);
+  for (int64_t h = h0; h < h1; ++h) {
+    const uint16_t* dyrow = dyv + h * g.Wo * g.O + ob * 32;
+    const uint16_t* xrow = xb + h * g.Wp;
+    for (int64_t w = 0; w < g.Wo; w += 2) {
+      __m512bh kv[NO];
+      for (int q = 0; q < NO; ++q)
+        kv[q] = (__m512bh)_mm512_loadu_si512(dyrow + w * g.O + q * 32);
+      const uint16_t* xp = xrow + w;
+      for (int n = 0; n < NC; ++n, xp += plane) {
+        DotBroadcastPair<NO, true>(s[n], kv, xp);
+      }
+    }
+  }
+  for (int n = 0; n < NC; ++n)
+    for (int q = 0; q < NO; ++q) _mm512_storeu_ps(a + n * g.O + q * 16, s[n][q]);
+}
+
+// Every tap and channel for output blocks ob..ob+NO-1, NC channels at a time.
+template <int NC, int NO>
+BUSI_BF16 void WgradCombos(const uint16_t* xt, const uint16_t* dyv, float* acc,
+                           const WgradGeometry& g, int64_t ob, int64_t h0, int64_t h1) {
+  static_assert(16 % NC == 0, "C is a multiple of 16");
+  for (int64_t t = 0; t < g.KH * g.KW; ++t)
+    for (int64_t c = 0; c < g.C; c += NC) WgradAvx<NC, NO>(xt, dyv, acc, g, t, c, ob, h0, h1);
+}
+
+BUSI_BF16 void WgradImageAvx(const void* x, const void* dy, float* acc, const WgradGeometry& g,
+                             std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
+  xt.resize(g.C * g.Hp * g.Wp);
+  dyv.resize(g.Ho * g.Wo * g.O);
+  ChannelMajorBf16(x, xt.data(), g);
+  PairInterleavedBf16(dy, dyv.data(), g);
+  const int64_t nob = g.O / 16;
+  // About 16 KB of dy per band (half of L1).
+  const int64_t band = std::max<int64_t>(1, (int64_t{16} << 10) / (g.Wo * g.O * 2));
+  for (int64_t h0 = 0; h0 < g.Ho; h0 += band) {
+    const int64_t h1 = std::min(g.Ho, h0 + band);
+    int64_t ob = 0;
+    for (; ob + 3 <= nob; ob += 3) WgradCombos<8, 3>(xt.data(), dyv.data(), acc, g, ob, h0, h1);
+    for (; ob + 2 <= nob; ob += 2) WgradCombos<8, 2>(xt.data(), dyv.data(), acc, g, ob, h0, h1);
+    for (; ob < nob; ++ob) WgradCombos<16, 1>(xt.data(), dyv.data(), acc, g, ob, h0, h1);
+  }
+}
+
 ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                         ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
-                        int64_t pad_h, int64_t pad_w) {
+                        int64_t pad_h, int64_t pad_w, int64_t unit) {
   if (!F32OrBf16(x) || !F32OrBf16(dy))
     return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: x and dy must be float32 or bf16");
   auto xd = x.dimensions();
@@ -564,10 +770,7 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
         "busi_conv_amx_wgrad: needs C and O multiples of 16 and output width a multiple of 8");
   if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
     return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: negative padding or dilation < 1");
-  if (!AmxPermitted())
-    return ffi::Error::Internal(
-        "busi_conv_amx_wgrad: the kernel refused AMX tile state (arch_prctl); use "
-        "model.wgrad='native'");
+  if (ffi::Error e = CheckUnit(unit, "busi_conv_amx_wgrad"); e.failure()) return e;
   const int64_t Wo = yd[2];
   const WgradGeometry g{xd[1], xd[2], xd[3], yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
                         pad_h, pad_w, Wo % 32 == 0 ? 32 : (Wo % 16 == 0 ? 16 : 8),
@@ -582,7 +785,11 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
   std::vector<uint16_t> xt, dyv;
   busi::SumOverImages(pool, xd[0], wd[0] * wd[1] * wd[2] * wd[3], dw->typed_data(),
                       [=](int64_t b, float* acc) mutable {
-                        WgradImage(xs + b * x_image, dys + b * dy_image, acc, g, xt, dyv);
+                        if (unit == kUnitAmx) {
+                          WgradImage(xs + b * x_image, dys + b * dy_image, acc, g, xt, dyv);
+                        } else {
+                          WgradImageAvx(xs + b * x_image, dys + b * dy_image, acc, g, xt, dyv);
+                        }
                       });
   return ffi::Error::Success();
 }
@@ -591,8 +798,8 @@ ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
 
 ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                    ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                   int64_t pad_w) {
-  return ConvAmxImpl(pool, {x}, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w);
+                   int64_t pad_w, int64_t unit) {
+  return ConvAmxImpl(pool, {x}, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w, unit);
 }
 
 ffi::Error CheckAffine(const ffi::AnyBuffer& k, const ffi::Buffer<ffi::F32>& scale,
@@ -607,17 +814,18 @@ ffi::Error CheckAffine(const ffi::AnyBuffer& k, const ffi::Buffer<ffi::F32>& sca
 ffi::Error ConvAmxAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                              ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
-                             int64_t pad_h, int64_t pad_w) {
+                             int64_t pad_h, int64_t pad_w, int64_t unit) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
   return ConvAmxImpl(pool, {x}, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w, pad_h,
-                     pad_w);
+                     pad_w, unit);
 }
 
 // The same over the concatenation of the remaining arguments along channels.
 ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
                                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                                    ffi::RemainingArgs xs, ffi::Result<ffi::AnyBuffer> y,
-                                   int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w) {
+                                   int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w,
+                                   int64_t unit) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
   std::vector<ffi::AnyBuffer> parts;
   for (size_t i = 0; i < xs.size(); ++i) {
@@ -626,7 +834,7 @@ ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
     parts.push_back(*x);
   }
   return ConvAmxImpl(pool, parts, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
-                     pad_h, pad_w);
+                     pad_h, pad_w, unit);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
@@ -638,7 +846,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
                               ffi::Ffi::Bind()
@@ -651,7 +860,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatAffineRelu, ConvAmxConcatAffineRelu,
                               ffi::Ffi::Bind()
@@ -664,7 +874,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatAffineRelu, ConvAmxConcatAffineRe
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
                               ffi::Ffi::Bind()
@@ -675,4 +886,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")
                                   .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16

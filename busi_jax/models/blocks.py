@@ -36,10 +36,12 @@ SE_MODES = ("none", "se", "sse", "scse")
 UPSAMPLE_MODES = ("transpose", "bilinear", "nearest", "resize")
 SCSE_COMBINE = ("add", "max")
 # Which kernels run the 3x3 convolutions: XLA's own; the C++ weight gradient
-# of busi_jax/csrc ('native', built on first use); or that plus the forward
-# pass and input gradient on AMX tiles in bf16 with float32 sums
-# ('native_amx', CPUs with AMX only). See busi_jax.models.conv.
-WGRAD_MODES = ("xla", "native", "native_amx")
+# of busi_jax/csrc ('native', built on first use); or all three passes in
+# bf16 with float32 sums in busi_jax/csrc/conv_amx.cc: 'native_bf16' on the
+# best unit this CPU has (AMX tiles, else AVX-512 BF16), 'native_amx' on AMX
+# tiles only. See busi_jax.models.conv.
+WGRAD_MODES = ("xla", "native", "native_amx", "native_bf16")
+BF16_MODES = ("native_amx", "native_bf16")
 
 PARAM_DTYPE = jnp.float32
 
@@ -73,14 +75,15 @@ def conv(
     """A 'SAME'-padded square convolution with He init and float32 params.
 
     ``wgrad='native'`` computes its weight gradient with the C++ kernel,
-    ``'native_amx'`` also its forward pass and input gradient on AMX tiles
-    (bf16 products, float32 sums) where the shapes allow; otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
+    ``'native_bf16'`` / ``'native_amx'`` also its forward pass and input
+    gradient, all in bf16 products with float32 sums (AMX tiles, or AVX-512
+    BF16 for 'native_bf16' on CPUs without them) where the shapes allow; otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
     (:mod:`busi_jax.models.conv`). Outputs and parameters are the same.
     """
     check_choice("wgrad", wgrad, WGRAD_MODES)
     if wgrad == "native":
         custom = native_wgrad_conv
-    elif wgrad == "native_amx":
+    elif wgrad in BF16_MODES:
         custom = amx_conv_general_dilated
     else:
         custom = chunked_conv(wgrad_chunks) if wgrad_chunks > 1 else None
@@ -265,8 +268,9 @@ class ConvBlock(nn.Module):
         least WGRAD_MIN_FEATURES channels on at most WGRAD_MAX_PIXELS pixels
         (1: XLA's own); outputs and parameters do not change.
       wgrad: 'xla', 'native' (the C++ weight-gradient kernel for every
-        conv) or 'native_amx' (that, plus AMX bf16 forward and input
-        gradient); either of the last two overrides ``wgrad_chunks``.
+        conv), 'native_bf16' or 'native_amx' (that, plus bf16 forward and
+        input gradient: see :func:`conv`); any but 'xla' overrides
+        ``wgrad_chunks``.
     """
 
     features: int
@@ -319,7 +323,7 @@ class ConvBlock(nn.Module):
         fits = all(amx_fits(p.shape[-1], self.features, p.shape[2]) for p in parts)
         return (
             not train
-            and self.wgrad == "native_amx"
+            and self.wgrad in BF16_MODES
             and self.norm == "batch"
             and not self.is_initializing()
             and fits
@@ -469,9 +473,9 @@ class Deconv2x2(nn.Module):
     Attributes:
       features: output channels ``C``.
       dtype: compute dtype (parameters stay float32).
-      wgrad: 'native_amx' runs the matmul, as a 1x1 convolution to ``4C``
-        channels, and both its gradients on AMX tiles (bf16 products, float32
-        sums) where ``C_in`` is a multiple of 16 and ``W`` of 8; otherwise,
+      wgrad: 'native_bf16' / 'native_amx' run the matmul, as a 1x1
+        convolution to ``4C`` channels, and both its gradients in the bf16
+        conv kernels (bf16 products, float32 sums) where ``C_in`` is a multiple of 16 and ``W`` of 8; otherwise,
         and for 'xla' / 'native', the matmul is XLA's.
     """
 
@@ -505,7 +509,7 @@ class Deconv2x2(nn.Module):
         return y.transpose(0, 1, 3, 2, 4).reshape(b, 2 * h, 2 * w, o) + bias
 
     def _on_amx(self, x: jax.Array) -> bool:
-        return self.wgrad == "native_amx" and amx_fits(x.shape[-1], 4 * self.features, x.shape[2])
+        return self.wgrad in BF16_MODES and amx_fits(x.shape[-1], 4 * self.features, x.shape[2])
 
 
 class UpSample(nn.Module):

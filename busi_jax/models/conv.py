@@ -6,8 +6,9 @@ float rounding; the third trades float32 products for bfloat16 ones:
 
 * :data:`amx_conv_general_dilated` runs the forward pass, the input gradient
   and the weight gradient of stride-1 NHWC convolutions with 16-channel
-  multiples on the CPU's AMX tile units (``busi_jax/csrc/conv_amx.cc``):
-  bfloat16 products summed in float32, like a bf16 autocast. Loss curves
+  multiples on the CPU's AMX tile units, or on CPUs without them on
+  AVX-512 BF16 dot products (``busi_jax/csrc/conv_amx.cc``; :func:`bf16_unit`
+  picks): bfloat16 products summed in float32, like a bf16 autocast. Loss curves
   track float32 within bf16 rounding (tests/test_conv.py); BUSI runs are
   compared in docs/RESULTS.md and speeds in docs/BENCHMARKS.md.
 
@@ -206,7 +207,9 @@ def amx_weight_gradient(
     Takes float32 or bfloat16 ``x`` and ``dy`` as they are (no cast on the way
     in); needs ``C`` and ``O`` multiples of 16 and ``Wo`` a multiple of 8.
     """
-    return _wgrad_call("conv_amx_wgrad", _amx_io(x), _amx_io(dy), kernel_shape, dilation, pads)
+    return _wgrad_call(
+        "conv_amx_wgrad", _amx_io(x), _amx_io(dy), kernel_shape, dilation, pads, unit=bf16_unit()
+    )
 
 
 def _amx_io(a: jax.Array) -> jax.Array:
@@ -215,7 +218,7 @@ def _amx_io(a: jax.Array) -> jax.Array:
     return a if a.dtype in (jnp.float32, jnp.bfloat16) else a.astype(jnp.float32)
 
 
-def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads) -> jax.Array:
+def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads, **attrs) -> jax.Array:
     target = native.load(kernel)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
     return call(
@@ -225,6 +228,7 @@ def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads) -> jax.Array:
         dil_w=int(dilation[1]),
         pad_h=int(pads[0][0]),
         pad_w=int(pads[1][0]),
+        **attrs,
     )
 
 
@@ -296,6 +300,7 @@ def amx_conv(
         dil_w=int(dilation[1]),
         pad_h=int(pad_lo[0]),
         pad_w=int(pad_lo[1]),
+        unit=bf16_unit(),
     )
 
 
@@ -322,12 +327,42 @@ def amx_input_gradient(
 
 AMX_CHANNELS = 16  # C and O must be multiples of this (one AMX tile column block).
 AMX_WIDTH = 8  # Input and output widths must be multiples of this (tile rows).
+# The bf16 kernels' `unit` attribute: which part of the CPU multiplies.
+UNIT_AMX = 0
+UNIT_AVX512_BF16 = 1
 
 
 @functools.cache
 def amx_available() -> bool:
     """Whether this CPU reports AMX bf16 tiles (Linux ``/proc/cpuinfo``)."""
     return {"amx_tile", "amx_bf16"} <= set(native.cpu_flags().split())
+
+
+@functools.cache
+def avx512_bf16_available() -> bool:
+    """Whether this CPU reports AVX-512 with its bf16 dot product (``vdpbf16ps``)."""
+    return {"avx512f", "avx512_bf16"} <= set(native.cpu_flags().split())
+
+
+def bf16_unit() -> int:
+    """The unit the bf16 conv kernels use here: AMX tiles, else AVX-512 BF16.
+
+    Raises:
+      native.NativeBuildError: this CPU has neither.
+    """
+    if amx_available():
+        return UNIT_AMX
+    if avx512_bf16_available():
+        return UNIT_AVX512_BF16
+    raise native.NativeBuildError(
+        "the bf16 conv kernels need a CPU with AMX bf16 tiles or AVX-512 BF16; "
+        "use model.wgrad='native' or 'xla'"
+    )
+
+
+def bf16_kernels_available() -> bool:
+    """Whether :func:`amx_conv` and :func:`amx_weight_gradient` can run on this CPU."""
+    return amx_available() or avx512_bf16_available()
 
 
 def amx_fits(c_in: int, c_out: int, width: int) -> bool:
@@ -337,7 +372,7 @@ def amx_fits(c_in: int, c_out: int, width: int) -> bool:
         and c_out % AMX_CHANNELS == 0
         and width % AMX_WIDTH == 0
         and jax.default_backend() == "cpu"
-        and amx_available()
+        and bf16_kernels_available()
     )
 
 
@@ -365,7 +400,7 @@ def amx_selftest() -> None:
 
 def _amx_rule(lhs, rhs, kwargs) -> tuple | None:
     rule = _native_rule(lhs, rhs, kwargs)
-    if rule is None or not amx_available():
+    if rule is None or not bf16_kernels_available():
         return rule
     _, dilation, pads = rule
     out_hw = _out_hw(lhs.shape[1:3], rhs.shape[:2], dilation, pads)
