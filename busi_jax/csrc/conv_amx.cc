@@ -258,6 +258,43 @@ BUSI_BF16 void PadToBf16(const std::vector<Part>& parts, int64_t b, uint16_t* ou
   }
 }
 
+// The same rows for the AVX-512 path, pair-major: out[r][c/2][q] holds the
+// bf16 pair (c, c+1) of padded column q as 32 bits, so a run of output pixels
+// reads one channel pair at consecutive 4-byte addresses (constant offsets:
+// each can be vdpbf16ps's broadcast memory operand, see MicroAvx).
+BUSI_BF16 void PadToPairs(const std::vector<Part>& parts, int64_t b, uint32_t* out,
+                          const Geometry& g, int64_t r_lo, int64_t rows) {
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w, c2s = g.C / 2;
+  std::memset(out, 0, rows * c2s * wp * sizeof(uint32_t));
+  alignas(32) uint32_t pairs[8];
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t h = r_lo + r;
+    if (h < 0 || h >= g.H) continue;
+    for (int64_t q = 0; q < wp; ++q) {
+      const int64_t w = q - g.pad_w;
+      if (w < 0 || w >= g.W) continue;
+      uint32_t* dst = out + r * c2s * wp + q;
+      const int64_t pixel = (b * g.H + h) * g.W + w;
+      for (const Part& part : parts) {
+        for (int64_t c = 0; c < part.C; c += 16) {
+          __m256i v;
+          if (part.bf16) {
+            v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                static_cast<const uint16_t*>(part.x) + pixel * part.C + c));
+          } else {
+            __m256bh f = _mm512_cvtneps_pbh(
+                _mm512_loadu_ps(static_cast<const float*>(part.x) + pixel * part.C + c));
+            v = reinterpret_cast<__m256i&>(f);
+          }
+          _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), v);
+          for (int k = 0; k < 8; ++k) dst[k * wp] = pairs[k];
+          dst += 8 * wp;
+        }
+      }
+    }
+  }
+}
+
 BUSI_AMX void RunBand(const std::vector<Part>& parts, const uint16_t* packed, void* y,
                       const Geometry& g, int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
   const int64_t ybytes = g.y_bf16 ? 2 : 4;
@@ -312,11 +349,12 @@ BUSI_AMX void RunBand(const std::vector<Part>& parts, const uint16_t* packed, vo
 // per layer here; with several blocks one broadcast serves them all.
 template <int NO, bool kEmbedded>
 BUSI_BF16 inline void DotBroadcastPair(__m512 (&acc)[NO], const __m512bh (&kv)[NO],
-                                       const uint16_t* pair) {
-  if constexpr (NO == 1 && kEmbedded) {
-    asm("vdpbf16ps %[m]%{1to16%}, %[k], %[acc]"
-        : [acc] "+v"(acc[0])
-        : [k] "v"(kv[0]), [m] "m"(*reinterpret_cast<const int32_t*>(pair)));
+                                       const void* pair) {
+  if constexpr (kEmbedded) {
+    for (int q = 0; q < NO; ++q)
+      asm("vdpbf16ps %[m]%{1to16%}, %[k], %[acc]"
+          : [acc] "+v"(acc[q])
+          : [k] "v"(kv[q]), [m] "m"(*reinterpret_cast<const int32_t*>(pair)));
   } else {
     int32_t bits;
     std::memcpy(&bits, pair, 4);
@@ -324,6 +362,11 @@ BUSI_BF16 inline void DotBroadcastPair(__m512 (&acc)[NO], const __m512bh (&kv)[N
     for (int q = 0; q < NO; ++q) acc[q] = _mm512_dpbf16_ps(acc[q], xv, kv[q]);
   }
 }
+
+#ifndef BUSI_EMBEDDED_FWD
+#define BUSI_EMBEDDED_FWD false
+#endif
+constexpr bool kEmbeddedFwd = BUSI_EMBEDDED_FWD;
 
 // One vector of 16 float32 sums -> y row pixel w, channels o0..o0+15.
 BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t w, int64_t o0) {
@@ -341,24 +384,25 @@ BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t 
 }
 
 template <int NP, int NO>
-BUSI_BF16 inline void MicroAvx(const uint16_t* in, const uint16_t* packed, void* yrow,
+BUSI_BF16 inline void MicroAvx(const uint32_t* in, const uint16_t* packed, void* yrow,
                                const Geometry& g, int64_t hl, int64_t w0, int64_t ob0) {
   static_assert(NP * NO <= 24, "accumulators must leave registers for operands");
   __m512 acc[NP][NO];
   for (int p = 0; p < NP; ++p)
     for (int q = 0; q < NO; ++q) acc[p][q] = _mm512_setzero_ps();
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
-  const int64_t C = g.C, nob = g.O / 16, block = C * 16;
+  const int64_t c2s = g.C / 2, nob = g.O / 16, block = g.C * 16;
   for (int64_t i = 0; i < g.KH; ++i) {
-    const uint16_t* row = in + (hl + i * g.dil_h) * wp * C;
+    const uint32_t* row = in + (hl + i * g.dil_h) * c2s * wp;
     for (int64_t j = 0; j < g.KW; ++j) {
-      const uint16_t* base = row + (w0 + j * g.dil_w) * C;
+      const uint32_t* base = row + w0 + j * g.dil_w;
       const uint16_t* kt = packed + ((i * g.KW + j) * nob + ob0) * block;
-      for (int64_t c = 0; c < C; c += 2) {
+      for (int64_t c2 = 0; c2 < c2s; ++c2) {
         __m512bh kv[NO];
         for (int q = 0; q < NO; ++q)
-          kv[q] = (__m512bh)_mm512_loadu_si512(kt + q * block + c * 16);
-        for (int p = 0; p < NP; ++p) DotBroadcastPair<NO, false>(acc[p], kv, base + p * C + c);
+          kv[q] = (__m512bh)_mm512_loadu_si512(kt + q * block + c2 * 32);
+        const uint32_t* x = base + c2 * wp;
+        for (int p = 0; p < NP; ++p) DotBroadcastPair<NO, kEmbeddedFwd>(acc[p], kv, x + p);
       }
     }
   }
@@ -372,10 +416,10 @@ BUSI_BF16 void RunBandAvx(const std::vector<Part>& parts, const uint16_t* packed
   const int64_t h1 = std::min(g.Ho, h0 + g.band);
   const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
-  buf.resize(rows * wp * g.C);
-  PadToBf16(parts, b, buf.data(), g, h0 - g.pad_h, rows);
+  buf.resize(rows * wp * g.C);  // As many bf16 values as pairs x 2.
+  uint32_t* in = reinterpret_cast<uint32_t*>(buf.data());
+  PadToPairs(parts, b, in, g, h0 - g.pad_h, rows);
   const int64_t nob = g.O / 16;
-  const uint16_t* in = buf.data();
   for (int64_t h = h0; h < h1; ++h) {
     void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * ybytes;
     const int64_t hl = h - h0;
@@ -717,7 +761,7 @@ BUSI_BF16 inline void WgradAvx(const uint16_t* xt, const uint16_t* dyv, float* a
         kv[q] = (__m512bh)_mm512_loadu_si512(dyrow + w * g.O + q * 32);
       const uint16_t* xp = xrow + w;
       for (int n = 0; n < NC; ++n, xp += plane) {
-        DotBroadcastPair<NO, true>(s[n], kv, xp);
+        DotBroadcastPair<NO, NO == 1>(s[n], kv, xp);
       }
     }
   }

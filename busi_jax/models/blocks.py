@@ -28,6 +28,7 @@ from busi_jax.models.conv import (
     chunked_conv,
     native_wgrad_conv,
 )
+from busi_jax.models.norm import BatchNormReLU
 
 Dtype = Any
 
@@ -154,6 +155,34 @@ def apply_norm(
             name=name,
         )(x)
     return x
+
+
+def apply_norm_relu(
+    kind: str,
+    x: jax.Array,
+    train: bool,
+    *,
+    groups: int = 8,
+    dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> jax.Array:
+    """``relu(apply_norm(kind, x, ...))``; BatchNorm + ReLU as one layer.
+
+    For ``kind='batch'`` the pair is :class:`busi_jax.models.norm.BatchNormReLU`:
+    the same variables as Flax's BatchNorm under ``name`` and the same values
+    up to rounding, with a hand-written gradient that runs 3x faster in
+    bfloat16 on CPU (issue #9). Other kinds: :func:`apply_norm`, then ReLU.
+    """
+    check_choice("norm", kind, NORMS)
+    if kind == "batch":
+        return BatchNormReLU(
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=dtype,
+            param_dtype=PARAM_DTYPE,
+            name=name,
+        )(x, train)
+    return nn.relu(apply_norm(kind, x, train, groups=groups, dtype=dtype, name=name))
 
 
 class SqueezeExcitation(nn.Module):
@@ -308,10 +337,9 @@ class ConvBlock(nn.Module):
                 wgrad=self.wgrad,
                 name=f"conv{i}",
             )(x)
-            x = apply_norm(
+            x = apply_norm_relu(
                 self.norm, x, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
             )
-            x = nn.relu(x)
         return recalibrate(self.se, x, reduction=self.se_reduction, dtype=self.dtype, name="se")
 
     def _folds_norm(self, x: jax.Array | Sequence[jax.Array], train: bool) -> bool:
@@ -385,10 +413,9 @@ class DilatedBottleneck(nn.Module):
                 wgrad=self.wgrad,
                 name=f"conv{i}",
             )(y)
-            y = apply_norm(
+            y = apply_norm_relu(
                 self.norm, y, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
             )
-            y = nn.relu(y)
             total = y if total is None else total + y
         return recalibrate(self.se, total, reduction=self.se_reduction, dtype=self.dtype, name="se")
 
