@@ -1081,10 +1081,11 @@ def time_wgrad_layers(
     Returns:
       One dict per shape: ``side``, ``c_in``, ``c_out``, ``xla_ms``, ``native_ms``
       (medians), ``xla_gflops``, ``native_gflops`` and ``speedup`` (XLA / native
-      time), and the largest relative difference of the two gradients; on an
-      AMX CPU also ``amx_ms``, ``amx_gflops``, ``amx_speedup`` (XLA / AMX) and
-      ``amx_max_rel_diff`` for the bf16 AMX kernel where the shape fits it
-      (16-channel multiples), else None.
+      time), and the largest relative difference of the two gradients; on a
+      CPU with AMX or AVX-512 BF16 also ``amx_ms``, ``amx_gflops``,
+      ``amx_speedup`` (XLA / bf16 kernel) and ``amx_max_rel_diff`` for the bf16
+      kernel (AMX tiles, else AVX-512 BF16; the keys keep their first name)
+      where the shape fits it (16-channel multiples), else None.
     """
     import jax
     import jax.numpy as jnp
@@ -1156,7 +1157,7 @@ def format_wgrad_layers(rows: Sequence[dict]) -> str:
     title = (
         f"{'side':>4} {'C_in':>5} {'C_out':>5} {'XLA ms':>8} {'C++ ms':>8}"
         f" {'XLA GF/s':>9} {'C++ GF/s':>9} {'speedup':>8} {'max rel diff':>12}"
-        f" {'AMX ms':>7} {'AMX GF/s':>9} {'AMX speedup':>11} {'AMX rel diff':>12}"
+        f" {'bf16 ms':>7} {'bf16 GF/s':>9} {'bf16 speedup':>11} {'bf16 rel diff':>12}"
     )
     lines = [title]
     for r in rows:
