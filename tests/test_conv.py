@@ -50,9 +50,13 @@ needs_bf16 = pytest.mark.skipif(
 )
 def bf16_unit(request, monkeypatch):
     """Runs the test on one unit: AMX, or AVX-512 BF16 (AMX hidden where present)."""
+    # The unit is read when a function is traced: no trace of the other
+    # unit's run may be reused.
+    jax.clear_caches()
     if request.param == "avx512_bf16":
         monkeypatch.setattr(conv_lib, "amx_available", lambda: False)
-    return request.param
+    yield request.param
+    jax.clear_caches()
 
 
 on_bf16_units = pytest.mark.usefixtures("bf16_unit")

@@ -226,46 +226,29 @@ BUSI_AMX inline void Micro(const uint16_t* in, const uint16_t* packed, void* yro
 }
 #undef BUSI_STORE_TILE
 
-// x rows [r_lo, r_lo + rows) of image b (r may fall outside 0..H-1), its
-// parts side by side, into a zero-padded bf16 buffer whose column 0 is input
-// column -pad_w.
-BUSI_BF16 void PadToBf16(const std::vector<Part>& parts, int64_t b, uint16_t* out,
-                        const Geometry& g, int64_t r_lo, int64_t rows) {
-  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
-  std::memset(out, 0, rows * wp * g.C * sizeof(uint16_t));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t h = r_lo + r;
-    if (h < 0 || h >= g.H) continue;
-    for (int64_t q = 0; q < wp; ++q) {
-      const int64_t w = q - g.pad_w;
-      if (w < 0 || w >= g.W) continue;
-      uint16_t* dst = out + (r * wp + q) * g.C;
-      const int64_t pixel = (b * g.H + h) * g.W + w;
-      for (const Part& part : parts) {
-        if (part.bf16) {
-          std::memcpy(dst, static_cast<const uint16_t*>(part.x) + pixel * part.C, part.C * 2);
-        } else {
-          const float* src = static_cast<const float*>(part.x) + pixel * part.C;
-          for (int64_t c = 0; c < part.C; c += 16) {
-            __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + c));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c),
-                                reinterpret_cast<__m256i&>(v));
-          }
-        }
-        dst += part.C;
-      }
-    }
-  }
+// Channels c..c+15 of pixel `pixel` of `part`, as bf16.
+BUSI_BF16 inline __m256i Bf16Channels(const Part& part, int64_t pixel, int64_t c) {
+  if (part.bf16)
+    return _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(part.x) + pixel * part.C + c));
+  __m256bh v = _mm512_cvtneps_pbh(
+      _mm512_loadu_ps(static_cast<const float*>(part.x) + pixel * part.C + c));
+  return reinterpret_cast<__m256i&>(v);
 }
 
-// The same rows for the AVX-512 path, pair-major: out[r][c/2][q] holds the
-// bf16 pair (c, c+1) of padded column q as 32 bits, so a run of output pixels
-// reads one channel pair at consecutive 4-byte addresses (constant offsets:
-// each can be vdpbf16ps's broadcast memory operand, see MicroAvx).
-BUSI_BF16 void PadToPairs(const std::vector<Part>& parts, int64_t b, uint32_t* out,
-                          const Geometry& g, int64_t r_lo, int64_t rows) {
+// x rows [r_lo, r_lo + rows) of image b (r may fall outside 0..H-1), its
+// parts side by side, into a zero-padded bf16 buffer whose column 0 is input
+// column -pad_w. Two layouts of the same values:
+// - pixel-major (AMX: a tile row is one pixel's K channels):
+//   out[r][q][c];
+// - pair-major (AVX-512 BF16): out[r][c/2][q] holds the pair (c, c+1) of
+//   column q as 32 bits, so a run of output pixels reads one channel pair
+//   at consecutive 4-byte addresses (MicroAvx).
+BUSI_BF16 void PadRows(const std::vector<Part>& parts, int64_t b, uint16_t* out,
+                       const Geometry& g, int64_t r_lo, int64_t rows, bool pair_major) {
   const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w, c2s = g.C / 2;
-  std::memset(out, 0, rows * c2s * wp * sizeof(uint32_t));
+  std::memset(out, 0, rows * wp * g.C * sizeof(uint16_t));
+  uint32_t* out32 = reinterpret_cast<uint32_t*>(out);
   alignas(32) uint32_t pairs[8];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t h = r_lo + r;
@@ -273,36 +256,28 @@ BUSI_BF16 void PadToPairs(const std::vector<Part>& parts, int64_t b, uint32_t* o
     for (int64_t q = 0; q < wp; ++q) {
       const int64_t w = q - g.pad_w;
       if (w < 0 || w >= g.W) continue;
-      uint32_t* dst = out + r * c2s * wp + q;
       const int64_t pixel = (b * g.H + h) * g.W + w;
+      int64_t c0 = 0;  // The part's first channel in the joined input.
       for (const Part& part : parts) {
         for (int64_t c = 0; c < part.C; c += 16) {
-          __m256i v;
-          if (part.bf16) {
-            v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                static_cast<const uint16_t*>(part.x) + pixel * part.C + c));
-          } else {
-            __m256bh f = _mm512_cvtneps_pbh(
-                _mm512_loadu_ps(static_cast<const float*>(part.x) + pixel * part.C + c));
-            v = reinterpret_cast<__m256i&>(f);
+          const __m256i v = Bf16Channels(part, pixel, c);
+          if (!pair_major) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (r * wp + q) * g.C + c0 + c), v);
+            continue;
           }
           _mm256_store_si256(reinterpret_cast<__m256i*>(pairs), v);
+          uint32_t* dst = out32 + (r * c2s + (c0 + c) / 2) * wp + q;
           for (int k = 0; k < 8; ++k) dst[k * wp] = pairs[k];
-          dst += 8 * wp;
         }
+        c0 += part.C;
       }
     }
   }
 }
 
-BUSI_AMX void RunBand(const std::vector<Part>& parts, const uint16_t* packed, void* y,
-                      const Geometry& g, int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
-  const int64_t ybytes = g.y_bf16 ? 2 : 4;
-  const int64_t h1 = std::min(g.Ho, h0 + g.band);
-  const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
-  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
-  buf.resize(rows * wp * g.C);
-  PadToBf16(parts, b, buf.data(), g, h0 - g.pad_h, rows);
+// Output rows h0..h1 of image b from the band's pixel-major padded rows `in`.
+BUSI_AMX void BandRowsAmx(const uint16_t* in, const uint16_t* packed, void* y, const Geometry& g,
+                          int64_t b, int64_t h0, int64_t h1) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = static_cast<uint8_t>(g.M);
@@ -313,19 +288,19 @@ BUSI_AMX void RunBand(const std::vector<Part>& parts, const uint16_t* packed, vo
   _tile_loadconfig(&cfg);
   const int64_t nob = g.O / 16, runs = g.Wo / g.M;
   for (int64_t h = h0; h < h1; ++h) {
-    void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * ybytes;
+    void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * (g.y_bf16 ? 2 : 4);
     const int64_t hl = h - h0;
     int64_t ob = 0;
     for (; ob + 2 <= nob; ob += 2) {
       int64_t p = 0;
-      for (; p + 2 <= runs; p += 2) Micro<2, 2>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
-      for (; p < runs; ++p) Micro<1, 2>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+      for (; p + 2 <= runs; p += 2) Micro<2, 2>(in, packed, yrow, g, hl, p * g.M, ob);
+      for (; p < runs; ++p) Micro<1, 2>(in, packed, yrow, g, hl, p * g.M, ob);
     }
     for (; ob < nob; ++ob) {
       int64_t p = 0;
-      for (; p + 4 <= runs; p += 4) Micro<4, 1>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
-      for (; p + 2 <= runs; p += 2) Micro<2, 1>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
-      for (; p < runs; ++p) Micro<1, 1>(buf.data(), packed, yrow, g, hl, p * g.M, ob);
+      for (; p + 4 <= runs; p += 4) Micro<4, 1>(in, packed, yrow, g, hl, p * g.M, ob);
+      for (; p + 2 <= runs; p += 2) Micro<2, 1>(in, packed, yrow, g, hl, p * g.M, ob);
+      for (; p < runs; ++p) Micro<1, 1>(in, packed, yrow, g, hl, p * g.M, ob);
     }
   }
   _tile_release();
@@ -410,18 +385,12 @@ BUSI_BF16 inline void MicroAvx(const uint32_t* in, const uint16_t* packed, void*
     for (int q = 0; q < NO; ++q) StoreVec(acc[p][q], yrow, g, w0 + p, (ob0 + q) * 16);
 }
 
-BUSI_BF16 void RunBandAvx(const std::vector<Part>& parts, const uint16_t* packed, void* y,
-                          const Geometry& g, int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
-  const int64_t ybytes = g.y_bf16 ? 2 : 4;
-  const int64_t h1 = std::min(g.Ho, h0 + g.band);
-  const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
-  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
-  buf.resize(rows * wp * g.C);  // As many bf16 values as pairs x 2.
-  uint32_t* in = reinterpret_cast<uint32_t*>(buf.data());
-  PadToPairs(parts, b, in, g, h0 - g.pad_h, rows);
+// Output rows h0..h1 of image b from the band's pair-major padded rows `in`.
+BUSI_BF16 void BandRowsAvx(const uint32_t* in, const uint16_t* packed, void* y, const Geometry& g,
+                           int64_t b, int64_t h0, int64_t h1) {
   const int64_t nob = g.O / 16;
   for (int64_t h = h0; h < h1; ++h) {
-    void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * ybytes;
+    void* yrow = static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * (g.y_bf16 ? 2 : 4);
     const int64_t hl = h - h0;
     int64_t ob = 0;
     // Wo is a multiple of 8: eight-pixel runs, as many output blocks as fit.
@@ -434,6 +403,22 @@ BUSI_BF16 void RunBandAvx(const std::vector<Part>& parts, const uint16_t* packed
       for (; w + 16 <= g.Wo; w += 16) MicroAvx<16, 1>(in, packed, yrow, g, hl, w, ob);
       for (; w < g.Wo; w += 8) MicroAvx<8, 1>(in, packed, yrow, g, hl, w, ob);
     }
+  }
+}
+
+// One task: output rows h0.. (a band) of image b, on the Geometry's unit.
+BUSI_BF16 void RunBand(const std::vector<Part>& parts, const uint16_t* packed, void* y,
+                       const Geometry& g, int64_t b, int64_t h0, std::vector<uint16_t>& buf) {
+  const int64_t h1 = std::min(g.Ho, h0 + g.band);
+  const int64_t rows = (h1 - h0) + (g.KH - 1) * g.dil_h;
+  const int64_t wp = g.Wo + (g.KW - 1) * g.dil_w;
+  const bool amx = g.unit == kUnitAmx;
+  buf.resize(rows * wp * g.C);
+  PadRows(parts, b, buf.data(), g, h0 - g.pad_h, rows, /*pair_major=*/!amx);
+  if (amx) {
+    BandRowsAmx(buf.data(), packed, y, g, b, h0, h1);
+  } else {
+    BandRowsAvx(reinterpret_cast<const uint32_t*>(buf.data()), packed, y, g, b, h0, h1);
   }
 }
 
@@ -473,12 +458,7 @@ struct Work {
     std::vector<uint16_t> buf;
     int64_t finished = 0;
     for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-      const int64_t b = t / bands_per_image, h0 = (t % bands_per_image) * g.band;
-      if (g.unit == kUnitAmx) {
-        RunBand(parts, packed, y, g, b, h0, buf);
-      } else {
-        RunBandAvx(parts, packed, y, g, b, h0, buf);
-      }
+      RunBand(parts, packed, y, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
       ++finished;
     }
     if (finished == 0) return;
@@ -700,12 +680,18 @@ BUSI_AMX inline void WgradTaps(const uint16_t* xt, const uint16_t* dyv, float* a
   if constexpr (NT > 3) _tile_stored(3, a[3], acc_stride);
 }
 
-BUSI_AMX void WgradImage(const void* x, const void* dy, float* acc, const WgradGeometry& g,
-                         std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
+// One image's x and dy in the layouts both weight-gradient paths read.
+BUSI_BF16 void WgradOperands(const void* x, const void* dy, const WgradGeometry& g,
+                             std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
   xt.resize(g.C * g.Hp * g.Wp);
   dyv.resize(g.Ho * g.Wo * g.O);
   ChannelMajorBf16(x, xt.data(), g);
   PairInterleavedBf16(dy, dyv.data(), g);
+}
+
+BUSI_AMX void WgradImage(const void* x, const void* dy, float* acc, const WgradGeometry& g,
+                         std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
+  WgradOperands(x, dy, g, xt, dyv);
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) {
     cfg.rows[t] = 16;
@@ -780,10 +766,7 @@ BUSI_BF16 void WgradCombos(const uint16_t* xt, const uint16_t* dyv, float* acc,
 
 BUSI_BF16 void WgradImageAvx(const void* x, const void* dy, float* acc, const WgradGeometry& g,
                              std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
-  xt.resize(g.C * g.Hp * g.Wp);
-  dyv.resize(g.Ho * g.Wo * g.O);
-  ChannelMajorBf16(x, xt.data(), g);
-  PairInterleavedBf16(dy, dyv.data(), g);
+  WgradOperands(x, dy, g, xt, dyv);
   const int64_t nob = g.O / 16;
   // About 16 KB of dy per band (half of L1).
   const int64_t band = std::max<int64_t>(1, (int64_t{16} << 10) / (g.Wo * g.O * 2));

@@ -54,6 +54,7 @@ HE_INIT = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
 # statistics settle within a few hundred steps on a small data set like BUSI.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+_BN_ARGS = dict(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, param_dtype=PARAM_DTYPE)
 
 
 def check_choice(option: str, value: Any, choices: Sequence[Any]) -> None:
@@ -117,9 +118,10 @@ def apply_norm(
     *,
     groups: int = 8,
     dtype: Dtype = jnp.float32,
+    relu: bool = False,
     name: str | None = None,
 ) -> jax.Array:
-    """Applies the configured normalisation layer.
+    """Applies the configured normalisation layer, optionally followed by ReLU.
 
     Must be called from inside a parent module's compact method: the norm layer
     is created as a child of that module under ``name``.
@@ -131,58 +133,42 @@ def apply_norm(
       groups: upper bound on GroupNorm groups; the actual count is
         ``gcd(C, groups)`` so that any width works.
       dtype: compute dtype.
+      relu: apply ReLU after the norm. With ``kind='batch'`` the pair is then
+        one layer, :class:`busi_jax.models.norm.BatchNormReLU`: Flax
+        BatchNorm's variables under ``name`` and its values up to rounding,
+        with a hand-written gradient 3x faster in bfloat16 on CPU (issue #9).
       name: child module name.
 
     Returns:
-      Normalised ``[B, H, W, C]`` activations.
+      Normalised (and rectified) ``[B, H, W, C]`` activations.
     """
     check_choice("norm", kind, NORMS)
+    if kind == "batch" and relu:
+        return BatchNormReLU(dtype=dtype, name=name, **_BN_ARGS)(x, train)
     if kind == "batch":
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=dtype,
-            param_dtype=PARAM_DTYPE,
-            name=name,
-        )(x)
-    if kind == "group":
-        return nn.GroupNorm(
+        x = nn.BatchNorm(use_running_average=not train, dtype=dtype, name=name, **_BN_ARGS)(x)
+    elif kind == "group":
+        x = nn.GroupNorm(
             num_groups=math.gcd(x.shape[-1], groups),
             epsilon=BN_EPSILON,
             dtype=dtype,
             param_dtype=PARAM_DTYPE,
             name=name,
         )(x)
-    return x
+    return nn.relu(x) if relu else x
 
 
-def apply_norm_relu(
-    kind: str,
-    x: jax.Array,
-    train: bool,
-    *,
-    groups: int = 8,
-    dtype: Dtype = jnp.float32,
-    name: str | None = None,
-) -> jax.Array:
-    """``relu(apply_norm(kind, x, ...))``; BatchNorm + ReLU as one layer.
-
-    For ``kind='batch'`` the pair is :class:`busi_jax.models.norm.BatchNormReLU`:
-    the same variables as Flax's BatchNorm under ``name`` and the same values
-    up to rounding, with a hand-written gradient that runs 3x faster in
-    bfloat16 on CPU (issue #9). Other kinds: :func:`apply_norm`, then ReLU.
-    """
-    check_choice("norm", kind, NORMS)
-    if kind == "batch":
-        return BatchNormReLU(
-            momentum=BN_MOMENTUM,
-            epsilon=BN_EPSILON,
-            dtype=dtype,
-            param_dtype=PARAM_DTYPE,
-            name=name,
-        )(x, train)
-    return nn.relu(apply_norm(kind, x, train, groups=groups, dtype=dtype, name=name))
+def _norm_relu(block: nn.Module, x: jax.Array, train: bool, i: int) -> jax.Array:
+    """``relu(norm{i}(x))`` with ``block``'s norm settings (ConvBlock, DilatedBottleneck)."""
+    return apply_norm(
+        block.norm,
+        x,
+        train,
+        groups=block.norm_groups,
+        dtype=block.dtype,
+        relu=True,
+        name=f"norm{i}",
+    )
 
 
 class SqueezeExcitation(nn.Module):
@@ -337,9 +323,7 @@ class ConvBlock(nn.Module):
                 wgrad=self.wgrad,
                 name=f"conv{i}",
             )(x)
-            x = apply_norm_relu(
-                self.norm, x, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
-            )
+            x = _norm_relu(self, x, train, i)
         return recalibrate(self.se, x, reduction=self.se_reduction, dtype=self.dtype, name="se")
 
     def _folds_norm(self, x: jax.Array | Sequence[jax.Array], train: bool) -> bool:
@@ -413,9 +397,7 @@ class DilatedBottleneck(nn.Module):
                 wgrad=self.wgrad,
                 name=f"conv{i}",
             )(y)
-            y = apply_norm_relu(
-                self.norm, y, train, groups=self.norm_groups, dtype=self.dtype, name=f"norm{i}"
-            )
+            y = _norm_relu(self, y, train, i)
             total = y if total is None else total + y
         return recalibrate(self.se, total, reduction=self.se_reduction, dtype=self.dtype, name="se")
 
