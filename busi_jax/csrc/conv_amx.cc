@@ -316,12 +316,13 @@ BUSI_AMX void BandRowsAmx(const uint16_t* in, const uint16_t* packed, void* y, c
 // channels, then are stored once (with the optional epilogue).
 
 // acc[q] += the bf16 pair at `pair`, broadcast, dotted with kv[q]'s pairs.
-// kEmbedded with one output block: the pair is vdpbf16ps's broadcast memory
-// operand, not a broadcast instruction of its own competing with the
-// products for the vector ports (GCC does not fold it, hence the asm). It
-// pays in the weight gradient (1.2-1.5x at 16 outputs) but not in the
-// forward pass (0.6-0.7x: the asm pins the compiler's schedule), measured
-// per layer here; with several blocks one broadcast serves them all.
+// kEmbedded: the pair is each vdpbf16ps's broadcast memory operand, not a
+// broadcast instruction of its own competing with the
+// products for the vector ports (GCC does not fold it, hence the asm). In
+// scratch per-layer timings on an AMD EPYC it paid in the weight gradient
+// (1.2-1.5x at 16 outputs) but not in the forward pass (0.6-0.7x, with
+// either input layout), so only WgradAvx asks for it; with several blocks
+// one broadcast serves them all.
 template <int NO, bool kEmbedded>
 BUSI_BF16 inline void DotBroadcastPair(__m512 (&acc)[NO], const __m512bh (&kv)[NO],
                                        const void* pair) {
@@ -337,11 +338,6 @@ BUSI_BF16 inline void DotBroadcastPair(__m512 (&acc)[NO], const __m512bh (&kv)[N
     for (int q = 0; q < NO; ++q) acc[q] = _mm512_dpbf16_ps(acc[q], xv, kv[q]);
   }
 }
-
-#ifndef BUSI_EMBEDDED_FWD
-#define BUSI_EMBEDDED_FWD false
-#endif
-constexpr bool kEmbeddedFwd = BUSI_EMBEDDED_FWD;
 
 // One vector of 16 float32 sums -> y row pixel w, channels o0..o0+15.
 BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t w, int64_t o0) {
@@ -377,7 +373,7 @@ BUSI_BF16 inline void MicroAvx(const uint32_t* in, const uint16_t* packed, void*
         for (int q = 0; q < NO; ++q)
           kv[q] = (__m512bh)_mm512_loadu_si512(kt + q * block + c2 * 32);
         const uint32_t* x = base + c2 * wp;
-        for (int p = 0; p < NP; ++p) DotBroadcastPair<NO, kEmbeddedFwd>(acc[p], kv, x + p);
+        for (int p = 0; p < NP; ++p) DotBroadcastPair<NO, false>(acc[p], kv, x + p);
       }
     }
   }

@@ -8,8 +8,8 @@ checkpoints move between the two. In training its backward pass is
 elementwise pass, with all arithmetic in float32 and one rounding to the
 output dtype. XLA's autodiff of the Flax layer in bfloat16 spends about 3x
 longer on a ``[16, 128, 128, 16]`` activation on 2 CPU cores (22 vs 6.6 ms,
-forward + backward, measured here), since it converts, reduces and
-broadcasts in several passes; in float32 the two take the same time. The
+forward + backward, in a scratch timing on an AMD EPYC); in float32 the two
+took the same time. Whole train steps: docs/BENCHMARKS.md. The
 values differ from the Flax layer only by rounding: it normalises in the
 compute dtype, this in float32 (tests/test_norm.py).
 """
