@@ -317,8 +317,8 @@ BUSI_AMX void BandRowsAmx(const uint16_t* in, const uint16_t* packed, void* y, c
 
 // acc[q] += the bf16 pair at `pair`, broadcast, dotted with kv[q]'s pairs.
 // kEmbedded: the pair is each vdpbf16ps's broadcast memory operand, not a
-// broadcast instruction of its own competing with the
-// products for the vector ports (GCC does not fold it, hence the asm). In
+// broadcast instruction of its own competing with the products for the
+// vector ports (GCC does not fold it, hence the asm). In
 // scratch per-layer timings on an AMD EPYC it paid in the weight gradient
 // (1.2-1.5x at 16 outputs) but not in the forward pass (0.6-0.7x, with
 // either input layout), so only WgradAvx asks for it; with several blocks
@@ -477,7 +477,8 @@ ffi::Error CheckUnit(int64_t unit, const char* kernel) {
     return ffi::Error::Internal(std::string(kernel) +
                                 ": this CPU has no AVX-512 BF16; use model.wgrad='native'");
   }
-  return ffi::Error::InvalidArgument(std::string(kernel) + ": unit must be 0 (AMX) or 1 (AVX-512 BF16)");
+  return ffi::Error::InvalidArgument(std::string(kernel) +
+                                     ": unit must be 0 (AMX) or 1 (AVX-512 BF16)");
 }
 
 bool F32OrBf16(const ffi::AnyBuffer& b) {

@@ -79,7 +79,8 @@ def conv(
     ``wgrad='native'`` computes its weight gradient with the C++ kernel,
     ``'native_bf16'`` / ``'native_amx'`` also its forward pass and input
     gradient, all in bf16 products with float32 sums (AMX tiles, or AVX-512
-    BF16 for 'native_bf16' on CPUs without them) where the shapes allow; otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
+    BF16 for 'native_bf16' on CPUs without them) where the shapes allow;
+    otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
     (:mod:`busi_jax.models.conv`). Outputs and parameters are the same.
     """
     check_choice("wgrad", wgrad, WGRAD_MODES)
@@ -484,8 +485,9 @@ class Deconv2x2(nn.Module):
       dtype: compute dtype (parameters stay float32).
       wgrad: 'native_bf16' / 'native_amx' run the matmul, as a 1x1
         convolution to ``4C`` channels, and both its gradients in the bf16
-        conv kernels (bf16 products, float32 sums) where ``C_in`` is a multiple of 16 and ``W`` of 8; otherwise,
-        and for 'xla' / 'native', the matmul is XLA's.
+        conv kernels (bf16 products, float32 sums) where ``C_in`` is a
+        multiple of 16 and ``W`` of 8; otherwise, and for 'xla' / 'native',
+        the matmul is XLA's.
     """
 
     features: int
