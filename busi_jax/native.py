@@ -41,6 +41,8 @@ KERNELS = {
         "BusiConvAmxConcatAffineRelu",
         "busi_conv_amx_concat_affine_relu",
     ),
+    "bn_relu_forward": ("batch_norm.cc", "BusiBnReluForward", "busi_bn_relu_forward"),
+    "bn_relu_backward": ("batch_norm.cc", "BusiBnReluBackward", "busi_bn_relu_backward"),
 }
 
 

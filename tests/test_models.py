@@ -736,6 +736,22 @@ def test_deconv2x2_is_the_transposed_conv_it_replaces(dtype):
         np.testing.assert_allclose(b, a, atol=tol * float(jnp.max(jnp.abs(a))), rtol=tol)
 
 
+def test_channel_bias_gradient_is_summed_in_float32():
+    """A bf16 activation's bias gradient: 2^18 ones sum to 2^18, not bf16's 256."""
+    from busi_jax.models.blocks import add_channel_bias
+
+    y = jnp.zeros((16, 128, 128, 2), jnp.bfloat16)
+    bias = jnp.array([0.5, -1.0])
+    out = add_channel_bias(y, bias)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out[0, 0, 0], np.float32), [0.5, -1.0])
+    dy, db = jax.grad(lambda y, b: jnp.sum(add_channel_bias(y, b).astype(jnp.float32)), (0, 1))(
+        y, bias
+    )
+    assert dy.dtype == jnp.bfloat16 and db.dtype == jnp.float32
+    np.testing.assert_array_equal(db, [16 * 128 * 128] * 2)
+
+
 def test_max_pool2_matches_flax_values_and_gradient_without_ties():
     from busi_jax.models.blocks import max_pool2
 

@@ -22,6 +22,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from busi_jax import native
 
 Dtype = Any
 
@@ -43,8 +46,8 @@ def _affine_relu(x, a, b, out_dtype):
     return jnp.maximum(x.astype(jnp.float32) * a + b, 0.0).astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def batch_norm_relu(x, scale, bias, epsilon: float, out_dtype) -> tuple:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_relu(x, scale, bias, epsilon: float, out_dtype, use_kernel: bool = False) -> tuple:
     """``relu((x - mean) / sqrt(var + eps) * scale + bias)`` over batch statistics.
 
     Args:
@@ -52,6 +55,10 @@ def batch_norm_relu(x, scale, bias, epsilon: float, out_dtype) -> tuple:
       scale, bias: ``[C]`` float32.
       epsilon: added to the variance.
       out_dtype: dtype of the output.
+      use_kernel: run both passes in the C++ kernel
+        (``busi_jax/csrc/batch_norm.cc``, built on first use) where ``x`` is
+        float32 or bfloat16 on the CPU backend; elsewhere, and when False,
+        jnp ops. The two agree up to float32 summation order.
 
     Returns:
       ``(y, mean, var)``: ``y`` like ``x`` in ``out_dtype``; the batch mean
@@ -59,21 +66,55 @@ def batch_norm_relu(x, scale, bias, epsilon: float, out_dtype) -> tuple:
       ``y`` carries a gradient: cotangents of ``mean`` and ``var`` are
       ignored (callers stop their gradient).
     """
-    return _forward(x, scale, bias, epsilon, out_dtype)[0]
+    return _forward(x, scale, bias, epsilon, out_dtype, use_kernel)[0]
 
 
-def _forward(x, scale, bias, epsilon, out_dtype):
-    mean, var = _stats(x)
+def kernel_applies(x: jax.Array, out_dtype, use_kernel: bool) -> bool:
+    """Whether :func:`batch_norm_relu` runs in the C++ kernel for this input."""
+    io = (jnp.float32, jnp.bfloat16)
+    return (
+        use_kernel
+        and x.dtype in io
+        and jnp.dtype(out_dtype) in io
+        and x.size > 0
+        and jax.default_backend() == "cpu"
+    )
+
+
+def _forward(x, scale, bias, epsilon, out_dtype, use_kernel):
+    if kernel_applies(x, out_dtype, use_kernel):
+        c, f32 = x.shape[-1], jnp.float32
+        call = jax.ffi.ffi_call(
+            native.load("bn_relu_forward"),
+            (
+                jax.ShapeDtypeStruct(x.shape, out_dtype),
+                jax.ShapeDtypeStruct((c,), f32),
+                jax.ShapeDtypeStruct((c,), f32),
+            ),
+        )
+        y, mean, var = call(x, scale, bias, epsilon=np.float32(epsilon))
+    else:
+        mean, var = _stats(x)
+        a = scale * jax.lax.rsqrt(var + epsilon)
+        y = _affine_relu(x, a, bias - mean * a, out_dtype)
+    return (y, mean, var), (x, y, mean, var, scale)
+
+
+def _backward(epsilon, out_dtype, use_kernel, res, cotangents):
+    x, y, mean, var, scale = res
+    g = cotangents[0].astype(y.dtype)
+    if kernel_applies(x, out_dtype, use_kernel):
+        c, f32 = x.shape[-1], jnp.float32
+        call = jax.ffi.ffi_call(
+            native.load("bn_relu_backward"),
+            (
+                jax.ShapeDtypeStruct(x.shape, x.dtype),
+                jax.ShapeDtypeStruct((c,), f32),
+                jax.ShapeDtypeStruct((c,), f32),
+            ),
+        )
+        return call(x, y, g, mean, var, scale, epsilon=np.float32(epsilon))
     rstd = jax.lax.rsqrt(var + epsilon)
-    a = scale * rstd
-    y = _affine_relu(x, a, bias - mean * a, out_dtype)
-    return (y, mean, var), (x, y, mean, rstd, scale)
-
-
-def _backward(epsilon, out_dtype, res, cotangents):
-    del epsilon, out_dtype
-    x, y, mean, rstd, scale = res
-    g = cotangents[0]
     c = x.shape[-1]
     # ReLU's gradient from its output: y > 0 exactly where its input was.
     gz = jnp.where(_flat(y) > 0, _flat(g).astype(jnp.float32), 0.0)
@@ -96,12 +137,16 @@ class BatchNormReLU(nn.Module):
       epsilon: added to the variance.
       dtype: output dtype (statistics and normalisation run in float32).
       param_dtype: dtype of ``scale`` and ``bias``.
+      use_kernel: in training, run BatchNorm + ReLU and its gradient in the C++
+        kernel (see :func:`batch_norm_relu`); models with
+        ``wgrad='native'``, ``'native_bf16'`` or ``'native_amx'`` set it.
     """
 
     momentum: float = 0.99
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_kernel: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -117,7 +162,9 @@ class BatchNormReLU(nn.Module):
             # Plain jnp: differentiable by autodiff (Grad-CAM needs that).
             a = scale * jax.lax.rsqrt(ra_var.value + self.epsilon)
             return _affine_relu(x, a, bias - ra_mean.value * a, self.dtype)
-        y, mean, var = batch_norm_relu(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
+        y, mean, var = batch_norm_relu(
+            x, scale, bias, self.epsilon, jnp.dtype(self.dtype), self.use_kernel
+        )
         if not self.is_initializing():
             # As Flax: the init call leaves the running statistics at 0 / 1.
             mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
