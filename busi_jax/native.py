@@ -41,6 +41,12 @@ KERNELS = {
         "BusiConvAmxConcatAffineRelu",
         "busi_conv_amx_concat_affine_relu",
     ),
+    "conv_amx_concat": ("conv_amx.cc", "BusiConvAmxConcat", "busi_conv_amx_concat"),
+    "conv_amx_concat_wgrad": (
+        "conv_amx.cc",
+        "BusiConvAmxConcatWgrad",
+        "busi_conv_amx_concat_wgrad",
+    ),
     "bn_relu_forward": ("batch_norm.cc", "BusiBnReluForward", "busi_bn_relu_forward"),
     "bn_relu_backward": ("batch_norm.cc", "BusiBnReluBackward", "busi_bn_relu_backward"),
 }

@@ -472,8 +472,16 @@ def test_amx_conv_of_parts_is_the_conv_of_their_concatenation():
     got = jax.jit(lambda p: amx_conv(p, w, (1, 1), (1, 1), (16, 16), **kw))(parts)
     cat = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
     np.testing.assert_array_equal(got, amx_conv(cat, w, (1, 1), (1, 1), (16, 16), **kw))
-    with pytest.raises(ValueError, match="several input parts need"):
-        amx_conv(parts, w, (1, 1), (1, 1), (16, 16))
+    # Without the epilogue: the plain convolution (training's forward pass).
+    plain = jax.jit(lambda p: amx_conv(p, w, (1, 1), (1, 1), (16, 16)))
+    assert "busi_conv_amx_concat" in plain.lower(parts).as_text()
+    np.testing.assert_array_equal(plain(parts), amx_conv(cat, w, (1, 1), (1, 1), (16, 16)))
+    # The weight gradient reads the parts the same way.
+    dy = jax.random.normal(keys[5], (2, 16, 16, 32))
+    args = ((3, 3, 64, 32), (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_array_equal(
+        amx_weight_gradient(parts, dy, *args), amx_weight_gradient(cat, dy, *args)
+    )
 
 
 @on_bf16_units
@@ -487,9 +495,27 @@ def test_conv_block_given_parts_convolves_their_concatenation():
     calls = re.findall(r"busi_conv_amx\w*", infer.lower(v, parts).as_text())
     assert calls == ["busi_conv_amx_concat_affine_relu", "busi_conv_amx_affine_relu"]
     np.testing.assert_array_equal(infer(v, parts), infer(v, cat))
-    # Training (batch statistics) concatenates and runs the usual path.
-    train = jax.jit(lambda v, x: block.apply(v, x, train=True, mutable=["batch_stats"])[0])
-    np.testing.assert_array_equal(train(v, parts), train(v, cat))
+    # Training reads the parts where they lie too (PartsConv): the same
+    # parameters at init, and the same bits forward and backward.
+    init_parts = block.init(jax.random.key(3), parts, train=True)
+    init_cat = block.init(jax.random.key(3), cat, train=True)
+    assert jax.tree.structure(init_parts) == jax.tree.structure(init_cat)
+    for a, b in zip(jax.tree.leaves(init_parts), jax.tree.leaves(init_cat)):
+        np.testing.assert_array_equal(a, b)
+
+    def loss(v, x):
+        y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(jnp.sin(y)), y
+
+    train = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    calls = re.findall(r"busi_conv_amx\w*", train.lower(v, parts).as_text())
+    assert calls.count("busi_conv_amx_concat") == 1 and "busi_conv_amx_concat_wgrad" in calls
+    (_, y_parts), (gv_parts, gx_parts) = train(v, parts)
+    (_, y_cat), (gv_cat, gx_cat) = train(v, cat)
+    np.testing.assert_array_equal(y_parts, y_cat)
+    for a, b in zip(jax.tree.leaves(gv_parts), jax.tree.leaves(gv_cat)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jnp.concatenate(gx_parts, axis=-1), gx_cat)
 
 
 def test_load_model_refuses_unknown_kernels(tiny_pipeline):

@@ -581,30 +581,32 @@ struct WgradGeometry {
   int64_t H, W, C, Ho, Wo, O, KH, KW, dil_h, dil_w, pad_h, pad_w;
   int64_t P;       // pixels per tile step
   int64_t Hp, Wp;  // padded input rows and columns the taps reach
-  bool x_bf16, dy_bf16;  // element types (else float32)
+  bool dy_bf16;          // dy's element type (else float32); x's is per Part
 };
 
-BUSI_BF16 void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeometry& g) {
-  std::memset(xt, 0, g.C * g.Hp * g.Wp * sizeof(uint16_t));
+// One image of one input part (ck channels, bf16 or float32) into channels
+// [0, ck) of xt, zeroed beforehand by the caller.
+BUSI_BF16 void ChannelMajorBf16(const void* image, int64_t ck, bool bf16, uint16_t* xt,
+                                const WgradGeometry& g) {
   // Sixteen pixels of one channel per gather: the 16 cache lines they sit on
   // serve all C channels while they stay in L1.
   const __m512i pixel = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(g.C)));
+      _mm512_set1_epi32(static_cast<int>(ck)));
   const int64_t q0 = std::max<int64_t>(0, g.pad_w), q1 = std::min(g.Wp, g.W + g.pad_w);
   for (int64_t r = 0; r < g.Hp; ++r) {
     const int64_t h = r - g.pad_h;
     if (h < 0 || h >= g.H) continue;
     for (int64_t q = q0; q < q1; q += 16) {
       const __mmask16 m = static_cast<__mmask16>(q1 - q >= 16 ? 0xffff : (1u << (q1 - q)) - 1);
-      const int64_t at = (h * g.W + q - g.pad_w) * g.C;
+      const int64_t at = (h * g.W + q - g.pad_w) * ck;
       uint16_t* dst = xt + r * g.Wp + q;
-      if (g.x_bf16) {
+      if (bf16) {
         // No 16-bit gather: gather the 32 bits ending at channel c (c >= 1)
         // or starting at it (c = 0), so no read passes the image's last value.
         const uint16_t* src = static_cast<const uint16_t*>(image) + at;
         const __m512i scaled = _mm512_slli_epi32(pixel, 1);  // bytes
-        for (int64_t c = 0; c < g.C; ++c) {
+        for (int64_t c = 0; c < ck; ++c) {
           const char* base = reinterpret_cast<const char*>(src + (c == 0 ? 0 : c - 1));
           __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, scaled, base, 1);
           if (c != 0) v = _mm512_srli_epi32(v, 16);
@@ -613,7 +615,7 @@ BUSI_BF16 void ChannelMajorBf16(const void* image, uint16_t* xt, const WgradGeom
         continue;
       }
       const float* src = static_cast<const float*>(image) + at;
-      for (int64_t c = 0; c < g.C; ++c) {
+      for (int64_t c = 0; c < ck; ++c) {
         const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, pixel, src + c, 4);
         __m256bh b = _mm512_cvtneps_pbh(v);
         _mm256_mask_storeu_epi16(dst + c * g.Hp * g.Wp, m, reinterpret_cast<__m256i&>(b));
@@ -677,18 +679,26 @@ BUSI_AMX inline void WgradTaps(const uint16_t* xt, const uint16_t* dyv, float* a
   if constexpr (NT > 3) _tile_stored(3, a[3], acc_stride);
 }
 
-// One image's x and dy in the layouts both weight-gradient paths read.
-BUSI_BF16 void WgradOperands(const void* x, const void* dy, const WgradGeometry& g,
-                             std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
-  xt.resize(g.C * g.Hp * g.Wp);
+// Image b's x (its parts' channels side by side, as their concatenation)
+// and dy in the layouts both weight-gradient paths read.
+BUSI_BF16 void WgradOperands(const std::vector<Part>& parts, int64_t b, const void* dy,
+                             const WgradGeometry& g, std::vector<uint16_t>& xt,
+                             std::vector<uint16_t>& dyv) {
+  xt.assign(g.C * g.Hp * g.Wp, 0);
   dyv.resize(g.Ho * g.Wo * g.O);
-  ChannelMajorBf16(x, xt.data(), g);
+  uint16_t* dst = xt.data();
+  for (const Part& part : parts) {
+    const int64_t image = g.H * g.W * part.C * (part.bf16 ? 2 : 4);
+    ChannelMajorBf16(static_cast<const char*>(part.x) + b * image, part.C, part.bf16, dst, g);
+    dst += part.C * g.Hp * g.Wp;
+  }
   PairInterleavedBf16(dy, dyv.data(), g);
 }
 
-BUSI_AMX void WgradImage(const void* x, const void* dy, float* acc, const WgradGeometry& g,
-                         std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
-  WgradOperands(x, dy, g, xt, dyv);
+BUSI_AMX void WgradImage(const std::vector<Part>& parts, int64_t b, const void* dy, float* acc,
+                         const WgradGeometry& g, std::vector<uint16_t>& xt,
+                         std::vector<uint16_t>& dyv) {
+  WgradOperands(parts, b, dy, g, xt, dyv);
   TileConfig cfg;
   for (int t = 0; t < 4; ++t) {
     cfg.rows[t] = 16;
@@ -761,9 +771,10 @@ BUSI_BF16 void WgradCombos(const uint16_t* xt, const uint16_t* dyv, float* acc,
     for (int64_t c = 0; c < g.C; c += NC) WgradAvx<NC, NO>(xt, dyv, acc, g, t, c, ob, h0, h1);
 }
 
-BUSI_BF16 void WgradImageAvx(const void* x, const void* dy, float* acc, const WgradGeometry& g,
-                             std::vector<uint16_t>& xt, std::vector<uint16_t>& dyv) {
-  WgradOperands(x, dy, g, xt, dyv);
+BUSI_BF16 void WgradImageAvx(const std::vector<Part>& parts, int64_t b, const void* dy,
+                             float* acc, const WgradGeometry& g, std::vector<uint16_t>& xt,
+                             std::vector<uint16_t>& dyv) {
+  WgradOperands(parts, b, dy, g, xt, dyv);
   const int64_t nob = g.O / 16;
   // About 16 KB of dy per band (half of L1).
   const int64_t band = std::max<int64_t>(1, (int64_t{16} << 10) / (g.Wo * g.O * 2));
@@ -776,46 +787,61 @@ BUSI_BF16 void WgradImageAvx(const void* x, const void* dy, float* acc, const Wg
   }
 }
 
-ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                        ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
-                        int64_t pad_h, int64_t pad_w, int64_t unit) {
-  if (!F32OrBf16(x) || !F32OrBf16(dy))
-    return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: x and dy must be float32 or bf16");
-  auto xd = x.dimensions();
+// The weight gradient with x given as parts (channels side by side).
+ffi::Error ConvAmxWgradImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& xs,
+                            ffi::AnyBuffer dy, ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h,
+                            int64_t dil_w, int64_t pad_h, int64_t pad_w, int64_t unit) {
+  if (xs.empty()) return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: no input");
+  auto parts = Parts(xs);
+  if (parts.has_error()) return parts.error();
+  if (!F32OrBf16(dy))
+    return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: dy must be float32 or bf16");
+  auto xd = xs[0].dimensions();
   auto yd = dy.dimensions();
   auto wd = dw->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || wd.size() != 4)
+  int64_t channels = 0;
+  for (const Part& part : *parts) channels += part.C;
+  if (yd.size() != 4 || wd.size() != 4)
     return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: x, dy and dW must be rank 4");
-  if (xd[0] != yd[0] || xd[3] != wd[2] || yd[3] != wd[3])
+  if (xd[0] != yd[0] || channels != wd[2] || yd[3] != wd[3])
     return ffi::Error::InvalidArgument(
         "busi_conv_amx_wgrad: shapes disagree (x [B,H,W,C], dy [B,Ho,Wo,O], dW [KH,KW,C,O])");
-  if (xd[3] % 16 != 0 || wd[3] % 16 != 0 || yd[2] % 8 != 0)
+  if (wd[3] % 16 != 0 || yd[2] % 8 != 0)
     return ffi::Error::InvalidArgument(
         "busi_conv_amx_wgrad: needs C and O multiples of 16 and output width a multiple of 8");
   if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
     return ffi::Error::InvalidArgument("busi_conv_amx_wgrad: negative padding or dilation < 1");
   if (ffi::Error e = CheckUnit(unit, "busi_conv_amx_wgrad"); e.failure()) return e;
   const int64_t Wo = yd[2];
-  const WgradGeometry g{xd[1], xd[2], xd[3], yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
+  const WgradGeometry g{xd[1], xd[2], channels, yd[1], Wo, yd[3], wd[0], wd[1], dil_h, dil_w,
                         pad_h, pad_w, Wo % 32 == 0 ? 32 : (Wo % 16 == 0 ? 16 : 8),
                         yd[1] + (wd[0] - 1) * dil_h, Wo + (wd[1] - 1) * dil_w,
-                        x.element_type() == ffi::DataType::BF16,
                         dy.element_type() == ffi::DataType::BF16};
-  const char* xs = static_cast<const char*>(x.untyped_data());
   const char* dys = static_cast<const char*>(dy.untyped_data());
-  const int64_t x_image = g.H * g.W * g.C * (g.x_bf16 ? 2 : 4);
   const int64_t dy_image = g.Ho * g.Wo * g.O * (g.dy_bf16 ? 2 : 4);
   // Captured by value: each participant gets its own scratch buffers.
   std::vector<uint16_t> xt, dyv;
+  const std::vector<Part> ps = std::move(*parts);
   busi::SumOverImages(pool, xd[0], wd[0] * wd[1] * wd[2] * wd[3], dw->typed_data(),
                       [=](int64_t b, float* acc) mutable {
                         if (unit == kUnitAmx) {
-                          WgradImage(xs + b * x_image, dys + b * dy_image, acc, g, xt, dyv);
+                          WgradImage(ps, b, dys + b * dy_image, acc, g, xt, dyv);
                         } else {
-                          WgradImageAvx(xs + b * x_image, dys + b * dy_image, acc, g, xt, dyv);
+                          WgradImageAvx(ps, b, dys + b * dy_image, acc, g, xt, dyv);
                         }
                       });
   return ffi::Error::Success();
+}
+
+// The buffers of a handler's remaining arguments (a conv's input parts).
+ffi::ErrorOr<std::vector<ffi::AnyBuffer>> Buffers(const ffi::RemainingArgs& xs) {
+  std::vector<ffi::AnyBuffer> parts;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto x = xs.get<ffi::AnyBuffer>(i);
+    if (x.has_error()) return ffi::Unexpected(x.error());
+    parts.push_back(*x);
+  }
+  return parts;
 }
 
 }  // namespace
@@ -851,14 +877,36 @@ ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
                                    int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w,
                                    int64_t unit) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
-  std::vector<ffi::AnyBuffer> parts;
-  for (size_t i = 0; i < xs.size(); ++i) {
-    auto x = xs.get<ffi::AnyBuffer>(i);
-    if (x.has_error()) return x.error();
-    parts.push_back(*x);
-  }
-  return ConvAmxImpl(pool, parts, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
+  auto parts = Buffers(xs);
+  if (parts.has_error()) return parts.error();
+  return ConvAmxImpl(pool, *parts, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
                      pad_h, pad_w, unit);
+}
+
+// The forward pass over the concatenation of the remaining arguments, no
+// epilogue (training: the U-Net skips are read where they lie).
+ffi::Error ConvAmxConcat(ffi::ThreadPool pool, ffi::AnyBuffer k, ffi::RemainingArgs xs,
+                         ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
+                         int64_t pad_h, int64_t pad_w, int64_t unit) {
+  auto parts = Buffers(xs);
+  if (parts.has_error()) return parts.error();
+  return ConvAmxImpl(pool, *parts, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w, unit);
+}
+
+ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                        ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
+                        int64_t pad_h, int64_t pad_w, int64_t unit) {
+  return ConvAmxWgradImpl(pool, {x}, dy, dw, dil_h, dil_w, pad_h, pad_w, unit);
+}
+
+// The weight gradient of a conv over the concatenation of the remaining
+// arguments: dW [KH, KW, sum C_k, O].
+ffi::Error ConvAmxConcatWgrad(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::RemainingArgs xs,
+                              ffi::ResultBuffer<ffi::F32> dw, int64_t dil_h, int64_t dil_w,
+                              int64_t pad_h, int64_t pad_w, int64_t unit) {
+  auto parts = Buffers(xs);
+  if (parts.has_error()) return parts.error();
+  return ConvAmxWgradImpl(pool, *parts, dy, dw, dil_h, dil_w, pad_h, pad_w, unit);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
@@ -906,6 +954,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
                                   .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcat, ConvAmxConcat,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
+                                  .RemainingArgs()        // x parts: float32 or bf16
+                                  .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
+                                  .Attr<int64_t>("dil_h")
+                                  .Attr<int64_t>("dil_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatWgrad, ConvAmxConcatWgrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
+                                  .RemainingArgs()               // x parts: float32 or bf16
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dW
                                   .Attr<int64_t>("dil_h")
                                   .Attr<int64_t>("dil_w")

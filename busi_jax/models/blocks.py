@@ -26,6 +26,7 @@ from busi_jax.models.conv import (
     amx_conv_general_dilated,
     amx_fits,
     chunked_conv,
+    conv_parts,
     native_wgrad_conv,
 )
 from busi_jax.models.norm import BatchNormReLU
@@ -310,9 +311,12 @@ class ConvBlock(nn.Module):
         """Args: x ``[B, H, W, C_in]``, or a sequence of ``[B, H, W, C_k]`` taken
         as their concatenation along channels (``C_in = sum C_k``; U-Net skips).
         Returns: ``[B, H, W, features]``."""
-        # The folded inference kernel reads the parts where they are; any
-        # other path convolves their concatenation.
-        if isinstance(x, (list, tuple)) and not self._folds_norm(x, train):
+        # The bf16 kernels read the parts where they are (the folded
+        # inference kernel, and conv0 in training); any other path convolves
+        # their concatenation.
+        if isinstance(x, (list, tuple)) and not (
+            self._folds_norm(x, train) or self._convolves_parts(x)
+        ):
             x = jnp.concatenate(x, axis=-1)
         chunks = self.wgrad_chunks
         first = x[0] if isinstance(x, (list, tuple)) else x
@@ -321,6 +325,10 @@ class ConvBlock(nn.Module):
         for i in range(2):
             if self._folds_norm(x, train):
                 x = self._amx_conv_norm_relu(x, i)
+                continue
+            if isinstance(x, (list, tuple)):
+                x = PartsConv(self.features, dtype=self.dtype, name=f"conv{i}")(x)
+                x = _norm_relu(self, x, train, i)
                 continue
             x = conv(
                 self.features,
@@ -349,6 +357,15 @@ class ConvBlock(nn.Module):
             and fits
         )
 
+    def _convolves_parts(self, x: jax.Array | Sequence[jax.Array]) -> bool:
+        # conv_parts has no bias: with norm='none' the convs carry one.
+        parts = x if isinstance(x, (list, tuple)) else [x]
+        return (
+            self.wgrad in BF16_MODES
+            and self.norm != "none"
+            and all(amx_fits(p.shape[-1], self.features, p.shape[2]) for p in parts)
+        )
+
     def _amx_conv_norm_relu(self, x: jax.Array | Sequence[jax.Array], i: int) -> jax.Array:
         """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables."""
         kernel = self.variables["params"][f"conv{i}"]["kernel"]
@@ -360,6 +377,32 @@ class ConvBlock(nn.Module):
         return amx_conv(
             x, kernel, (1, 1), (1, 1), hw, scale=scale, shift=shift, out_dtype=self.dtype
         )
+
+
+class PartsConv(nn.Module):
+    """The bias-free 3x3 'SAME' :func:`conv` over several inputs' channel concatenation.
+
+    Its parameter is the ``nn.Conv``'s (``kernel [3, 3, sum C_k, features]``,
+    He init, float32), so it initialises, trains and checkpoints as
+    ``conv(features, use_bias=False)`` applied to ``jnp.concatenate(parts, -1)``;
+    :func:`busi_jax.models.conv.conv_parts` computes it on the bf16 kernels
+    without writing the concatenation out.
+
+    Attributes:
+      features: output channels.
+      dtype: compute dtype.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
+        """Args: parts ``[B, H, W, C_k]``. Returns: ``[B, H, W, features]``."""
+        c = sum(p.shape[-1] for p in parts)
+        kernel = self.param("kernel", HE_INIT, (3, 3, c, self.features), PARAM_DTYPE)
+        *parts, kernel = nn.dtypes.promote_dtype(*parts, kernel, dtype=self.dtype)
+        return conv_parts(parts, kernel)
 
 
 class DilatedBottleneck(nn.Module):

@@ -196,20 +196,31 @@ def native_weight_gradient(
       * dy[b, h, w, o]`` with ``x`` zero outside the image.
     """
     f32 = jnp.float32
-    return _wgrad_call("conv_wgrad", x.astype(f32), dy.astype(f32), kernel_shape, dilation, pads)
+    return _wgrad_call("conv_wgrad", [x.astype(f32), dy.astype(f32)], kernel_shape, dilation, pads)
 
 
 def amx_weight_gradient(
-    x: jax.Array, dy: jax.Array, kernel_shape: tuple[int, ...], dilation, pads
+    x: jax.Array | Sequence[jax.Array],
+    dy: jax.Array,
+    kernel_shape: tuple[int, ...],
+    dilation,
+    pads,
 ) -> jax.Array:
     """:func:`native_weight_gradient` on AMX tiles: bf16 products, float32 sums.
 
     Takes float32 or bfloat16 ``x`` and ``dy`` as they are (no cast on the way
     in); needs ``C`` and ``O`` multiples of 16 and ``Wo`` a multiple of 8.
+    ``x`` may be a sequence of ``[B, H, W, C_k]`` parts, taken as their
+    concatenation along channels without writing it out (as in :func:`amx_conv`).
     """
-    return _wgrad_call(
-        "conv_amx_wgrad", _amx_io(x), _amx_io(dy), kernel_shape, dilation, pads, unit=bf16_unit()
-    )
+    parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
+    if len(parts) > 1:
+        operands = [_amx_io(dy), *parts]
+        return _wgrad_call(
+            "conv_amx_concat_wgrad", operands, kernel_shape, dilation, pads, unit=bf16_unit()
+        )
+    operands = [parts[0], _amx_io(dy)]
+    return _wgrad_call("conv_amx_wgrad", operands, kernel_shape, dilation, pads, unit=bf16_unit())
 
 
 def _amx_io(a: jax.Array) -> jax.Array:
@@ -218,12 +229,11 @@ def _amx_io(a: jax.Array) -> jax.Array:
     return a if a.dtype in (jnp.float32, jnp.bfloat16) else a.astype(jnp.float32)
 
 
-def _wgrad_call(kernel: str, x, dy, kernel_shape, dilation, pads, **attrs) -> jax.Array:
+def _wgrad_call(kernel: str, operands, kernel_shape, dilation, pads, **attrs) -> jax.Array:
     target = native.load(kernel)
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))
     return call(
-        x,
-        dy,
+        *operands,
         dil_h=int(dilation[0]),
         dil_w=int(dilation[1]),
         pad_h=int(pads[0][0]),
@@ -257,11 +267,10 @@ def amx_conv(
     are read and written as they are.
 
     Args:
-      x: ``[B, H, W, C]``, ``C`` a multiple of 16; or, with ``scale`` and
-        ``shift``, a sequence of such arrays ``[B, H, W, C_k]``, convolved
-        as their concatenation along channels (``C = sum C_k``) without
-        writing it out (each part is copied straight into the kernel's
-        padded tile buffer).
+      x: ``[B, H, W, C]``, ``C`` a multiple of 16; or a sequence of such
+        arrays ``[B, H, W, C_k]``, convolved as their concatenation along
+        channels (``C = sum C_k``) without writing it out (each part is
+        copied straight into the kernel's padded tile buffer).
       kernel: ``[KH, KW, C, O]``, ``O`` a multiple of 16.
       dilation: ``(dh, dw)`` kernel dilation.
       pad_lo: ``(top, left)`` zero padding (>= 0); the far side's padding
@@ -283,11 +292,12 @@ def amx_conv(
     if out_dtype is None:
         both_bf16 = all(p.dtype == jnp.bfloat16 for p in parts) and kernel.dtype == jnp.bfloat16
         out_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
-    if len(parts) > 1 and scale is None:
-        raise ValueError("amx_conv: several input parts need the scale/shift epilogue")
     args = [parts[0], kernel]
     name = "conv_amx"
-    if len(parts) > 1:
+    if len(parts) > 1 and scale is None:
+        name = "conv_amx_concat"
+        args = [kernel, *parts]
+    elif len(parts) > 1:
         name = "conv_amx_concat_affine_relu"
         args = [kernel, scale.astype(jnp.float32), shift.astype(jnp.float32), *parts]
     elif scale is not None:
@@ -323,6 +333,63 @@ def amx_input_gradient(
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
     lo = tuple(p[0] for p in _transposed_pads(kernel.shape[:2], dilation, pads))
     return amx_conv(dy, flipped, dilation, lo, in_hw)
+
+
+def conv_parts(
+    parts: Sequence[jax.Array],
+    kernel: jax.Array,
+    dilation=(1, 1),
+    pads=((1, 1), (1, 1)),
+) -> jax.Array:
+    """A stride-1 conv of the channel concatenation of ``parts``, differentiable, on the bf16 kernels.
+
+    The same function and gradients as ``amx_conv_general_dilated`` applied
+    to ``jnp.concatenate(parts, -1)``, without writing the concatenation out:
+    the forward pass and the weight gradient copy each part straight into
+    their padded buffers (in a U-Net's decoder that copy was a separate
+    pass over the skip and upsampled activations, ~6% of the width-16
+    U-Net++ bf16 step); the input gradient is computed whole and sliced.
+
+    Args:
+      parts: ``[B, H, W, C_k]`` arrays, each ``C_k`` a multiple of 16,
+        float32 or bfloat16.
+      kernel: ``[KH, KW, sum C_k, O]``, ``O`` a multiple of 16.
+      dilation: ``(dh, dw)``.
+      pads: ``((lo_h, hi_h), (lo_w, hi_w))`` zero padding; the output width
+        must be a multiple of 8.
+
+    Returns:
+      ``[B, Ho, Wo, O]`` in the parts' and kernel's result dtype.
+    """
+    static = (tuple(int(d) for d in dilation), tuple(tuple(int(v) for v in p) for p in pads))
+    return _conv_parts(tuple(parts), kernel, static)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_parts(parts: tuple, kernel: jax.Array, static: tuple) -> jax.Array:
+    dilation, pads = static
+    out_hw = _out_hw(parts[0].shape[1:3], kernel.shape[:2], dilation, pads)
+    y = amx_conv(list(parts), kernel, dilation, tuple(p[0] for p in pads), out_hw)
+    return y.astype(jnp.result_type(*(p.dtype for p in parts), kernel.dtype))
+
+
+def _conv_parts_fwd(parts, kernel, static):
+    return _conv_parts(parts, kernel, static), (parts, kernel)
+
+
+def _conv_parts_bwd(static, res, g):
+    dilation, pads = static
+    parts, kernel = res
+    d_x = amx_input_gradient(g, kernel, dilation, pads, parts[0].shape[1:3])
+    d_parts, start = [], 0
+    for p in parts:
+        d_parts.append(d_x[..., start : start + p.shape[-1]].astype(p.dtype))
+        start += p.shape[-1]
+    d_kernel = amx_weight_gradient(list(parts), g, kernel.shape, dilation, pads)
+    return tuple(d_parts), d_kernel.astype(kernel.dtype)
+
+
+_conv_parts.defvjp(_conv_parts_fwd, _conv_parts_bwd)
 
 
 AMX_CHANNELS = 16  # C and O must be multiples of this (one AMX tile column block).
