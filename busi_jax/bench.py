@@ -857,15 +857,26 @@ def _worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
     out = spec.pop("out")
     kind = spec.pop("kind")
+    if spec.pop("keep_freed_memory", False):
+        # As launch.py's runs: large freed blocks are reused, not page-faulted
+        # afresh each step; every worker, PyTorch's too, so both frameworks
+        # run on the same allocator settings.
+        from busi_jax import memory
+
+        memory.keep_freed_memory()
     result = _WORKERS[kind](**spec)
     with open(out, "w") as f:
         json.dump(result, f)
 
 
-def _measure(kind: str, spec: dict, inprocess: bool, timeout: float) -> dict:
+def _measure(
+    kind: str, spec: dict, inprocess: bool, timeout: float, keep_freed_memory: bool = False
+) -> dict:
     if inprocess:
         return _WORKERS[kind](**spec)
-    return _run_worker_subprocess({"kind": kind, **spec}, timeout)
+    return _run_worker_subprocess(
+        {"kind": kind, **spec, "keep_freed_memory": keep_freed_memory}, timeout
+    )
 
 
 def _failed_row(framework, model, width, precision, batch, layout, error) -> dict:
@@ -900,6 +911,7 @@ def run_benchmark(
     matmul_n: int = 2048,
     inprocess: bool = False,
     worker_timeout: float = 3600.0,
+    keep_freed_memory: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Runs every configuration and returns ``{'header': {...}, 'rows': [...]}``.
@@ -918,6 +930,10 @@ def run_benchmark(
         inprocess: run everything in this process (for tests; peak RSS then
             covers all rows so far) instead of one subprocess per row.
         worker_timeout: seconds one subprocess may take.
+        keep_freed_memory: every worker subprocess (JAX and PyTorch alike)
+            first calls :func:`busi_jax.memory.keep_freed_memory`, as
+            ``launch.py`` training runs do; in-process rows get whatever
+            this process has.
         log: where progress lines go.
     """
     header = {"machine": machine_info(), "notes": []}
@@ -938,6 +954,7 @@ def run_benchmark(
         optimizer=f"adam, lr {_LR}",
         augmentation="on, inside the step",
         subprocess_per_row=not inprocess,
+        keep_freed_memory=keep_freed_memory,
     )
     if with_torch and torch_variants and import_torch() is None:
         note = f"PyTorch is not importable: its rows are skipped (pip install {TORCH_PIN})."
@@ -950,7 +967,13 @@ def run_benchmark(
         torch_variants = ()
 
     log(f"matmul peak ({matmul_n}x{matmul_n})...")
-    peaks = _measure("peaks", dict(n=matmul_n, with_torch=with_torch), inprocess, worker_timeout)
+    peaks = _measure(
+        "peaks",
+        dict(n=matmul_n, with_torch=with_torch),
+        inprocess,
+        worker_timeout,
+        keep_freed_memory,
+    )
     header["matmul_peak_gflops"] = peaks
     log(
         "  peak GFLOP/s: "
@@ -1000,6 +1023,7 @@ def run_benchmark(
                             ),
                             inprocess,
                             worker_timeout,
+                            keep_freed_memory,
                         )
                         if wg == "xla":
                             xla_flops = row["gflop_per_step"]
@@ -1037,6 +1061,7 @@ def run_benchmark(
                         ),
                         inprocess,
                         worker_timeout,
+                        keep_freed_memory,
                     )
                     params[key]["pytorch"] = row["_params"]
                     row["gflop_per_step"] = fp32_flops
@@ -1399,6 +1424,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--inprocess", action="store_true", help="no subprocess per row (RSS then accumulates)"
     )
+    p.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="glibc keeps freed memory for reuse in every worker, as launch.py's training "
+        "runs do (busi_jax.memory): no page faults on each step's scratch buffers",
+    )
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1408,6 +1439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args._worker is not None:
         _worker_main(args._worker)
         return 0
+    if args.keep_freed_memory:
+        from busi_jax import memory
+
+        memory.keep_freed_memory()  # This process (in-process rows, --profile).
     if args.wgrad_layers:
         machine = machine_info()  # Before timing: its load average is the one at start.
         layer_rows = time_wgrad_layers(WGRAD_LAYER_SHAPES, batch=args.batch, reps=args.steps or 5)
@@ -1476,6 +1511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with_torch=not args.no_torch,
         matmul_n=args.matmul_n,
         inprocess=args.inprocess,
+        keep_freed_memory=args.keep_freed_memory,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(format_table(result))

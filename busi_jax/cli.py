@@ -97,7 +97,11 @@ def run(config, workdir: str) -> dict:
     """Runs the job named by ``config.task`` (what ``launch.py`` calls)."""
     from absl import logging
 
-    from busi_jax import train
+    from busi_jax import memory, train
+
+    # Before the first JAX computation: every train step then reuses the
+    # previous one's scratch memory instead of page-faulting a fresh block.
+    memory.keep_freed_memory()
 
     # Orbax logs every save and restore at INFO; the progress bar and the
     # per-epoch lines say what a user needs.

@@ -216,3 +216,20 @@ def test_profile_mode_sums_time_per_op(tmp_path):
     assert all(o["ms_per_step"] >= 0 for o in prof["ops"])
     assert "ms per step (traced)" in text.getvalue()
     assert list((tmp_path / "trace").rglob("*.trace.json.gz"))
+
+
+def test_worker_applies_keep_freed_memory_before_measuring(tmp_path, monkeypatch):
+    """--keep_freed_memory reaches every worker as a setting, not as a timing argument."""
+    import json
+
+    from busi_jax import bench, memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setitem(bench._WORKERS, "echo", lambda **kw: calls.append(kw) or {"ok": 1})
+    out = tmp_path / "r.json"
+    for keep in (False, True):
+        spec = {"kind": "echo", "n": 3, "keep_freed_memory": keep, "out": str(out)}
+        bench._worker_main(json.dumps(spec))
+    assert calls == [{"n": 3}, "keep", {"n": 3}]
+    assert json.loads(out.read_text()) == {"ok": 1}
