@@ -290,9 +290,10 @@ ffi::Error BnReluForward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi
   Dispatch(l.width, x.element_type(), y->element_type(), [&](auto kw, auto tx, auto ty) {
     using TX = std::remove_const_t<std::remove_pointer_t<decltype(tx)>>;
     using TY = std::remove_const_t<std::remove_pointer_t<decltype(ty)>>;
-    ForwardImpl<decltype(kw)::value>(pool, static_cast<const TX*>(x.untyped_data()), scale.typed_data(),
-                bias.typed_data(), static_cast<TY*>(y->untyped_data()), mean->typed_data(),
-                var->typed_data(), epsilon, l);
+    ForwardImpl<decltype(kw)::value>(pool, static_cast<const TX*>(x.untyped_data()),
+                                     scale.typed_data(), bias.typed_data(),
+                                     static_cast<TY*>(y->untyped_data()), mean->typed_data(),
+                                     var->typed_data(), epsilon, l);
   });
   return ffi::Error::Success();
 }
@@ -307,9 +308,10 @@ ffi::Error BnReluBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   if (nc.has_error()) return nc.error();
   const auto [n, c] = *nc;
   if (ffi::Error e = PerChannel({&mean, &var, &scale}, c, kName); e.failure()) return e;
-  for (ffi::Error e : {SameShape(x, y, false, "busi_bn_relu_backward: y must be shaped as x"),
-                       SameShape(x, *dx, true, "busi_bn_relu_backward: dx must be x's shape and dtype"),
-                       SameShape(y, g, true, "busi_bn_relu_backward: g must be y's shape and dtype")})
+  for (ffi::Error e :
+       {SameShape(x, y, false, "busi_bn_relu_backward: y must be shaped as x"),
+        SameShape(x, *dx, true, "busi_bn_relu_backward: dx must be x's shape and dtype"),
+        SameShape(y, g, true, "busi_bn_relu_backward: g must be y's shape and dtype")})
     if (e.failure()) return e;
   if (dscale->element_count() != static_cast<size_t>(c) ||
       dbias->element_count() != static_cast<size_t>(c))
@@ -318,11 +320,11 @@ ffi::Error BnReluBackward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   Dispatch(l.width, x.element_type(), y.element_type(), [&](auto kw, auto tx, auto ty) {
     using TX = std::remove_const_t<std::remove_pointer_t<decltype(tx)>>;
     using TY = std::remove_const_t<std::remove_pointer_t<decltype(ty)>>;
-    BackwardImpl<decltype(kw)::value>(pool, static_cast<const TX*>(x.untyped_data()),
-                 static_cast<const TY*>(y.untyped_data()), static_cast<const TY*>(g.untyped_data()),
-                 mean.typed_data(), var.typed_data(), scale.typed_data(),
-                 static_cast<TX*>(dx->untyped_data()), dscale->typed_data(), dbias->typed_data(),
-                 epsilon, l);
+    BackwardImpl<decltype(kw)::value>(
+        pool, static_cast<const TX*>(x.untyped_data()), static_cast<const TY*>(y.untyped_data()),
+        static_cast<const TY*>(g.untyped_data()), mean.typed_data(), var.typed_data(),
+        scale.typed_data(), static_cast<TX*>(dx->untyped_data()), dscale->typed_data(),
+        dbias->typed_data(), epsilon, l);
   });
   return ffi::Error::Success();
 }

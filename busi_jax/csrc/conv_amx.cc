@@ -46,6 +46,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "image_sum.h"
@@ -909,78 +910,65 @@ ffi::Error ConvAmxConcatWgrad(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::Rema
   return ConvAmxWgradImpl(pool, *parts, dy, dw, dil_h, dil_w, pad_h, pad_w, unit);
 }
 
+// The attributes every convolution handler takes after its buffers.
+template <typename Binding>
+auto ConvAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("dil_h")
+      .template Attr<int64_t>("dil_w")
+      .template Attr<int64_t>("pad_h")
+      .template Attr<int64_t>("pad_w")
+      .template Attr<int64_t>("unit");  // 0: AMX, 1: AVX-512 BF16
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x: float32 or bf16
-                                  .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
-                                  .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::AnyBuffer>()  // x: float32 or bf16
+                                            .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
+                                            .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
+                              ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
-                                  .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
-                                  .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
+                                            .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
+                                            .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
+                              ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatAffineRelu, ConvAmxConcatAffineRelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
-                                  .RemainingArgs()               // x parts: float32 or bf16
-                                  .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
+                                            .Arg<ffi::Buffer<ffi::F32>>()  // shift [O]
+                                            .RemainingArgs()               // x parts: float32 or bf16
+                                            .Ret<ffi::AnyBuffer>()         // y: float32 or bf16
+                              ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
-                                  .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
+                                            .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
+                                            .Ret<ffi::Buffer<ffi::F32>>()  // dW
+                              ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcat, ConvAmxConcat,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
-                                  .RemainingArgs()        // x parts: float32 or bf16
-                                  .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
+                                            .RemainingArgs()        // x parts: float32 or bf16
+                                            .Ret<ffi::AnyBuffer>()  // y: float32 or bf16
+                              ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatWgrad, ConvAmxConcatWgrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
-                                  .RemainingArgs()               // x parts: float32 or bf16
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dW
-                                  .Attr<int64_t>("dil_h")
-                                  .Attr<int64_t>("dil_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("unit"));  // 0: AMX, 1: AVX-512 BF16
+                              ConvAttrs(ffi::Ffi::Bind()
+                                            .Ctx<ffi::ThreadPool>()
+                                            .Arg<ffi::AnyBuffer>()         // dy: float32 or bf16
+                                            .RemainingArgs()               // x parts: float32 or bf16
+                                            .Ret<ffi::Buffer<ffi::F32>>()  // dW
+                              ));
