@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "image_sum.h"
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -438,33 +439,6 @@ BUSI_BF16 std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const 
   return out;
 }
 
-// Tasks are (image, band of output rows), handed out by an atomic counter to
-// the caller and XLA's intra-op threads; late starters find nothing and return.
-struct Work {
-  std::vector<Part> parts;
-  const uint16_t* packed;
-  void* y;
-  Geometry g;
-  int64_t bands_per_image, tasks;
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t done = 0;  // Guarded by mu.
-
-  void Run() {
-    std::vector<uint16_t> buf;
-    int64_t finished = 0;
-    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
-      RunBand(parts, packed, y, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
-      ++finished;
-    }
-    if (finished == 0) return;
-    std::lock_guard<std::mutex> lock(mu);
-    done += finished;
-    if (done == tasks) cv.notify_all();
-  }
-};
-
 // Whether `unit` can run here; the error names the kernel and what to use.
 ffi::Error CheckUnit(int64_t unit, const char* kernel) {
   if (unit == kUnitAmx) {
@@ -529,9 +503,7 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
   if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
     return ffi::Error::InvalidArgument("busi_conv_amx: negative padding or dilation < 1");
   if (ffi::Error e = CheckUnit(unit, "busi_conv_amx"); e.failure()) return e;
-  auto work = std::make_shared<Work>();
-  Geometry& g = work->g;
-  g = Geometry{xd[1], xd[2], channels, yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
+  Geometry g{xd[1], xd[2], channels, yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
                pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, channels % 32 == 0 ? 32 : 16, 1,
                y->element_type() == ffi::DataType::BF16};
   g.scale = scale;
@@ -551,16 +523,15 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
       macs < (int64_t{1} << 24) ? 1 : std::max<int64_t>(pool.num_threads(), 0) + 1;
   const int64_t want = std::max<int64_t>(1, (2 * participants + batch - 1) / batch);
   g.band = std::max<int64_t>(1, (g.Ho + want - 1) / want);
-  work->bands_per_image = (g.Ho + g.band - 1) / g.band;
-  work->tasks = batch * work->bands_per_image;
-  work->parts = std::move(*parts);
-  work->packed = packed.data();
-  work->y = out;
-  const int64_t helpers = std::min<int64_t>(participants - 1, work->tasks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done == work->tasks; });
+  // Tasks are (image, band of output rows), shared out by busi::ParallelFor
+  // to the caller and XLA's intra-op threads.
+  const int64_t bands_per_image = (g.Ho + g.band - 1) / g.band;
+  busi::ParallelFor(pool, batch * bands_per_image, participants, [&](int64_t t) {
+    // Each thread keeps its padded-rows buffer from call to call.
+    thread_local std::vector<uint16_t> buf;
+    RunBand(*parts, packed.data(), out, g, t / bands_per_image, (t % bands_per_image) * g.band,
+            buf);
+  });
   return ffi::Error::Success();
 }
 

@@ -1,6 +1,6 @@
 // Shared by the weight-gradient kernels (conv_wgrad.cc, conv_amx.cc): a sum
 // over the images of a batch, spread over the calling thread and XLA's
-// intra-op thread pool.
+// intra-op thread pool (parallel.h).
 //
 // The batch is cut into a number of contiguous chunks fixed by the shapes
 // (ChunkCount). Whichever participant is free takes the next chunk and adds
@@ -17,14 +17,11 @@
 #define BUSI_JAX_CSRC_IMAGE_SUM_H_
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace busi {
@@ -42,58 +39,25 @@ inline int64_t ChunkCount(int64_t batch, int64_t size) {
 
 // out[0..size) = sum over b < batch of image_fn(b, acc), where image_fn adds
 // image b's contribution into acc (float32[size], zeroed before the chunk's
-// first image). ImageFn is copied once per participant (its scratch buffers).
+// first image). ImageFn is copied once per chunk (its scratch buffers).
 template <typename ImageFn>
 void SumOverImages(xla::ffi::ThreadPool& pool, int64_t batch, int64_t size, float* out,
                    const ImageFn& image_fn) {
-  struct Work {
-    ImageFn proto;
-    int64_t batch, size, chunks;
-    std::atomic<int64_t> next{0};
-    std::vector<std::vector<float>> partial;  // One per chunk.
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t done = 0;  // Chunks finished; guarded by mu.
-
-    explicit Work(const ImageFn& fn) : proto(fn) {}
-
-    void Run() {
-      int64_t c = next.fetch_add(1);
-      if (c >= chunks) return;
-      ImageFn fn = proto;
-      int64_t finished = 0;
-      for (; c < chunks; c = next.fetch_add(1)) {
-        std::vector<float>& acc = partial[c];
-        acc.assign(size, 0.0f);
-        for (int64_t b = c * batch / chunks; b < (c + 1) * batch / chunks; ++b)
-          fn(b, acc.data());
-        ++finished;
-      }
-      std::lock_guard<std::mutex> lock(mu);
-      done += finished;
-      if (done == chunks) cv.notify_all();
-    }
-  };
   if (batch == 0) {
     std::fill(out, out + size, 0.0f);
     return;
   }
-  auto work = std::make_shared<Work>(image_fn);
-  work->batch = batch;
-  work->size = size;
-  work->chunks = ChunkCount(batch, size);
-  work->partial.resize(work->chunks);
-  const int64_t helpers =
-      std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 0), work->chunks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  {
-    std::unique_lock<std::mutex> lock(work->mu);
-    work->cv.wait(lock, [&] { return work->done == work->chunks; });
-  }
-  std::memcpy(out, work->partial[0].data(), size * sizeof(float));
-  for (int64_t c = 1; c < work->chunks; ++c) {
-    const float* p = work->partial[c].data();
+  const int64_t chunks = ChunkCount(batch, size);
+  std::vector<std::vector<float>> partial(chunks);
+  ParallelFor(pool, chunks, chunks, [&](int64_t c) {
+    ImageFn fn = image_fn;  // Its own scratch buffers.
+    std::vector<float>& acc = partial[c];
+    acc.assign(size, 0.0f);
+    for (int64_t b = c * batch / chunks; b < (c + 1) * batch / chunks; ++b) fn(b, acc.data());
+  });
+  std::memcpy(out, partial[0].data(), size * sizeof(float));
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* p = partial[c].data();
     for (int64_t k = 0; k < size; ++k) out[k] += p[k];
   }
 }
