@@ -533,8 +533,9 @@ def add_channel_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     Autodiff of a bf16 add sums the bias gradient in bf16: XLA:CPU then
     rounds every partial sum to bf16 and splits the ``[16, 128, 128, C]``
     reduction into a reduce-window op that took ~11 ms per layer in the
-    width-16 U-Net++ bf16 step (7 deconvolutions: 7% of the step). Summing
-    in float32 is both exact to float32 and ~0.8 ms.
+    width-16 U-Net++ bf16 step (7 deconvolutions: 7% of the step; profile in
+    docs/BENCHMARKS.md, thirteenth session). Summed in float32 it is exact
+    to float32 and took ~0.8 ms in a scratch timing.
     """
     return y + bias.astype(y.dtype)
 

@@ -12,6 +12,13 @@ forward + backward, in a scratch timing on an AMD EPYC); in float32 the two
 took the same time. Whole train steps: docs/BENCHMARKS.md. The
 values differ from the Flax layer only by rounding: it normalises in the
 compute dtype, this in float32 (tests/test_norm.py).
+
+With ``use_kernel`` (set by models on the native conv kernels) both passes
+run in ``busi_jax/csrc/batch_norm.cc`` instead of jnp ops: there XLA split
+the per-channel sums of a bf16 activation into slow reduce-window ops and
+wrote a float32 copy of it; the kernel reads bf16 as it is (2.65 vs 18.3 ms
+for that activation's forward + backward in a scratch timing; whole steps in
+docs/BENCHMARKS.md, thirteenth session).
 """
 
 from __future__ import annotations
