@@ -6,16 +6,18 @@ call: 376 MB for the width-16 U-Net++ bf16 train step at batch 16
 block that large with a fresh ``mmap`` (from a worker thread's arena it has
 no other way) and unmaps it on ``free``, so every step page-faults through
 the whole buffer while the kernel zeroes each 4 KB page: ~92,000 minor
-faults per step, measured with ``getrusage``. PyTorch's caching allocator
-avoids the same cost by keeping its blocks.
+faults per step, measured with ``getrusage``. (PyTorch's CPU tensors come
+from the same glibc malloc; its benchmark rows gain from this setting too.)
 
 :func:`keep_freed_memory` asks glibc, through ``mallopt``, for one arena, no
 ``mmap`` for large blocks and no trimming, so a freed block stays in the heap
 and the next step reuses its pages: 0 faults per step and a 7-12% faster step
 on the project's 2-core machine (docs/BENCHMARKS.md, thirteenth session).
 The cost: the process keeps its peak heap until it exits, and malloc takes
-one lock. ``launch.py`` runs and the benchmark's JAX workers call it; a
-library user may call it first thing in a training script.
+one lock. ``launch.py`` runs call it, and the benchmark's workers (PyTorch's
+too) with ``--keep_freed_memory``; a library user may call it first thing in
+a training script. Batch-1 inference timed slower under it on this machine
+(BENCHMARKS), so inference paths do not.
 """
 
 from __future__ import annotations

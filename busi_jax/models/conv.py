@@ -81,14 +81,10 @@ def _conv(lhs: jax.Array, rhs: jax.Array, static: tuple) -> jax.Array:
     """The convolution; ``static = (kwargs, rule)``: the rule picks the kernels.
 
     Rules: ``("chunks", k)`` and ``("native", dilation, pads)`` change only the
-    weight gradient; ``("amx", dilation, pads)`` also runs the forward pass and
-    the input gradient on AMX (:func:`amx_conv`).
+    weight gradient. (``("amx", dilation, pads)``, all three passes on the
+    bf16 kernels, goes to :func:`conv_parts` with one part instead.)
     """
-    kwargs, rule = static
-    if rule[0] == "amx":
-        out_hw = _out_hw(lhs.shape[1:3], rhs.shape[:2], rule[1], rule[2])
-        y = amx_conv(lhs, rhs, rule[1], tuple(p[0] for p in rule[2]), out_hw)
-        return y.astype(jnp.result_type(lhs.dtype, rhs.dtype))
+    kwargs, _ = static
     return lax.conv_general_dilated(lhs, rhs, **dict(kwargs))
 
 
@@ -100,16 +96,12 @@ def _bwd(static, res, g):
     kwargs, rule = static
     kwargs = dict(kwargs)
     lhs, rhs = res
-    if rule[0] == "amx":
-        d_lhs = amx_input_gradient(g, rhs, rule[1], rule[2], lhs.shape[1:3]).astype(lhs.dtype)
-    else:
-        _, vjp_lhs = jax.vjp(lambda x: lax.conv_general_dilated(x, rhs, **kwargs), lhs)
-        (d_lhs,) = vjp_lhs(g)
+    _, vjp_lhs = jax.vjp(lambda x: lax.conv_general_dilated(x, rhs, **kwargs), lhs)
+    (d_lhs,) = vjp_lhs(g)
     if rule[0] == "chunks":
         d_rhs = _chunked_weight_gradient(lhs, rhs, g, kwargs, rule[1])
     else:
-        wgrad = amx_weight_gradient if rule[0] == "amx" else native_weight_gradient
-        d_rhs = wgrad(lhs, g, rhs.shape, rule[1], rule[2]).astype(rhs.dtype)
+        d_rhs = native_weight_gradient(lhs, g, rhs.shape, rule[1], rule[2]).astype(rhs.dtype)
     return d_lhs, d_rhs
 
 
@@ -151,6 +143,8 @@ def _replacement(rule_for: Callable[[jax.Array, jax.Array, dict], tuple | None])
         rule = rule_for(lhs, rhs, options) if options["batch_group_count"] == 1 else None
         if rule is None:
             return lax.conv_general_dilated(lhs, rhs, **options)
+        if rule[0] == "amx":
+            return conv_parts([lhs], rhs, rule[1], rule[2])
         return _conv(lhs, rhs, (static, rule))
 
     return conv_general_dilated
@@ -342,6 +336,8 @@ def conv_parts(
     pads=((1, 1), (1, 1)),
 ) -> jax.Array:
     """A stride-1 conv of the channel concatenation of ``parts``, differentiable, on the bf16 kernels.
+
+    With one part, the convolution :data:`amx_conv_general_dilated` runs.
 
     The same function and gradients as ``amx_conv_general_dilated`` applied
     to ``jnp.concatenate(parts, -1)``, without writing the concatenation out:
