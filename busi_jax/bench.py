@@ -134,6 +134,7 @@ def bench_config(
     depth: int = 4,
     wgrad_chunks: int = 1,
     wgrad: str = "xla",
+    winograd: bool = True,
 ):
     """The training config of one benchmark configuration.
 
@@ -150,6 +151,7 @@ def bench_config(
         depth: number of 2x downsamplings.
         wgrad_chunks: the model's batch-chunked weight gradient (1: XLA's own).
         wgrad: 'xla' or 'native' (the C++ weight-gradient kernel).
+        winograd: the model's ``winograd`` (bf16 kernels on AVX-512 BF16).
     """
     import ml_collections
 
@@ -168,6 +170,7 @@ def bench_config(
             dtype=_DTYPES[precision],
             wgrad_chunks=wgrad_chunks,
             wgrad=wgrad,
+            winograd=winograd,
         )
     )
     c.loss = "dice_bce"
@@ -229,6 +232,7 @@ def _jax_setup(
     compile_step: bool = True,
     wgrad_chunks: int = 1,
     wgrad: str = "xla",
+    winograd: bool = True,
 ):
     """Builds and compiles the training loop's step for one configuration.
 
@@ -257,6 +261,7 @@ def _jax_setup(
         depth=depth,
         wgrad_chunks=wgrad_chunks,
         wgrad=wgrad,
+        winograd=winograd,
     )
     task = train_lib.make_task(config)
     tx = train_lib.make_optimizer(config, steps_per_epoch=1)
@@ -342,6 +347,7 @@ def time_jax(
     infer_reps: int = 10,
     wgrad_chunks: int = 1,
     wgrad: str = "xla",
+    winograd: bool = True,
 ) -> dict:
     """Times the JAX train step and batch-1 inference of one configuration.
 
@@ -359,6 +365,8 @@ def time_jax(
             (busi_jax.models.conv); shown in the row's layout as "nhwc/wgradN".
         wgrad: 'native' takes every weight gradient from the C++ kernel
             (busi_jax/csrc/conv_wgrad.cc); shown as "nhwc/native".
+        winograd: the model's ``winograd``; where it applies (bf16 kernels
+            on AVX-512 BF16) the layout ends in "/winograd".
 
     Returns:
         A row (see :data:`ROW_FIELDS`) with ``fraction_of_peak`` None (set by
@@ -368,7 +376,15 @@ def time_jax(
     import jax
 
     setup = _jax_setup(
-        model, width, precision, batch, image_size, depth, wgrad_chunks=wgrad_chunks, wgrad=wgrad
+        model,
+        width,
+        precision,
+        batch,
+        image_size,
+        depth,
+        wgrad_chunks=wgrad_chunks,
+        wgrad=wgrad,
+        winograd=winograd,
     )
     step, state, idxs = setup["step"], setup["state"], setup["idxs"]
 
@@ -414,7 +430,7 @@ def time_jax(
         )
         / 1e9,
         "fraction_of_peak": None,
-        "layout": _jax_layout(wgrad, wgrad_chunks),
+        "layout": _jax_layout(wgrad, wgrad_chunks, winograd),
         "notes": (
             f"{_step_note(times)}; trace+compile {setup['compile_s']:.1f} s;"
             f" jax {jax.__version__}, {jax.devices()[0].platform}"
@@ -779,7 +795,8 @@ def add_fraction_of_peak(row: dict, peak_gflops: dict[str, float]) -> dict:
 
 def _amx_row(row: dict) -> bool:
     # Rows on the bf16 conv kernels (AMX tiles or AVX-512 BF16).
-    return (row.get("layout") or "").endswith(("native_amx", "native_bf16"))
+    layout = row.get("layout") or ""
+    return "native_amx" in layout or "native_bf16" in layout
 
 
 def public_row(row: dict) -> dict:
@@ -906,6 +923,7 @@ def run_benchmark(
     jax_precisions: Sequence[str] = JAX_PRECISIONS,
     jax_wgrad_chunks: Sequence[int] = (1,),
     jax_wgrad: Sequence[str] = ("xla",),
+    jax_winograd: Sequence[bool] = (True,),
     torch_variants: Sequence[tuple[str, str]] = TORCH_VARIANTS,
     with_torch: bool = True,
     matmul_n: int = 2048,
@@ -924,6 +942,8 @@ def run_benchmark(
             weight gradient; N: batch-chunked, busi_jax.models.conv).
         jax_wgrad: weight-gradient kernels timed: 'xla' (with each of
             ``jax_wgrad_chunks``) and/or 'native' (the C++ kernel, one row).
+        jax_winograd: for the bf16 kernels, a row per value of the model's
+            ``winograd`` (True and False: Winograd against the direct pass).
         torch_variants: ``(precision, layout)`` PyTorch rows.
         with_torch: False skips the PyTorch rows (as does a missing torch).
         matmul_n: side of the square matrices of the peak measurement.
@@ -949,6 +969,7 @@ def run_benchmark(
         jax_precisions=list(jax_precisions),
         jax_wgrad_chunks=list(jax_wgrad_chunks),
         jax_wgrad=list(jax_wgrad),
+        jax_winograd=list(jax_winograd),
         torch_variants=[list(v) for v in torch_variants],
         loss="dice_bce (bce_weight 0.5)",
         optimizer=f"adam, lr {_LR}",
@@ -1002,14 +1023,18 @@ def run_benchmark(
             params[key] = {"flax": flax_n, "pytorch": None}
             fp32_flops = None
             variants = [
-                (wg, chunks)
+                (wg, chunks, wino)
                 for wg in jax_wgrad
                 for chunks in (jax_wgrad_chunks if wg == "xla" else (1,))
+                for wino in (jax_winograd if _winograd_runs(wg, True) else (True,))
             ]
             for prec in jax_precisions:
                 xla_flops = None
-                for wg, chunks in variants:
-                    log(f"jax {model} w{width} {prec} wgrad={wg} wgrad_chunks={chunks}...")
+                for wg, chunks, wino in variants:
+                    log(
+                        f"jax {model} w{width} {prec} wgrad={wg} wgrad_chunks={chunks}"
+                        f" winograd={wino}..."
+                    )
                     try:
                         row = _measure(
                             "jax",
@@ -1019,6 +1044,7 @@ def run_benchmark(
                                 precision=prec,
                                 wgrad_chunks=chunks,
                                 wgrad=wg,
+                                winograd=wino,
                                 **common,
                             ),
                             inprocess,
@@ -1033,7 +1059,7 @@ def run_benchmark(
                             fp32_flops = row["gflop_per_step"]
                     except Exception as e:  # noqa: BLE001 -- one failed row must not end the run.
                         log(f"  failed: {e}")
-                        layout = _jax_layout(wg, chunks)
+                        layout = _jax_layout(wg, chunks, wino)
                         row = _failed_row("jax", model, width, prec, batch, layout, e)
                     rows.append(add_fraction_of_peak(row, peaks["peak"]))
             if fp32_flops is None and torch_variants:
@@ -1262,10 +1288,18 @@ def profile_step(
     return {"step_ms": step_ms, "ops": ops}
 
 
-def _jax_layout(wgrad: str, wgrad_chunks: int) -> str:
+def _jax_layout(wgrad: str, wgrad_chunks: int, winograd: bool = False) -> str:
     if wgrad != "xla":
-        return f"nhwc/{wgrad}"
+        return f"nhwc/{wgrad}" + ("/winograd" if _winograd_runs(wgrad, winograd) else "")
     return "nhwc" if wgrad_chunks <= 1 else f"nhwc/wgrad{wgrad_chunks}"
+
+
+def _winograd_runs(wgrad: str, winograd: bool) -> bool:
+    # Whether a model with these settings takes the Winograd path on this CPU.
+    from busi_jax.models.blocks import BF16_MODES
+    from busi_jax.models.conv import amx_available, avx512_bf16_available
+
+    return winograd and wgrad in BF16_MODES and avx512_bf16_available() and not amx_available()
 
 
 def ratios(rows: Sequence[dict]) -> list[dict]:
@@ -1409,6 +1443,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " with --quick xla,native and, on CPUs with AMX or AVX-512 BF16, native_bf16)",
     )
     p.add_argument(
+        "--jax_winograd",
+        type=_csv(str),
+        default=["on"],
+        help="for the bf16 kernels on AVX-512 BF16 CPUs: on (Winograd F(2x2,3x3) where it"
+        " pays, the models' default), off (the direct pass), or on,off (a row each)",
+    )
+    p.add_argument(
         "--wgrad_layers",
         action="store_true",
         help="instead: time each 3x3 conv weight gradient of the width-16 U-Net++, XLA vs C++",
@@ -1495,6 +1536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: --jax_wgrad {bad} not valid; choose from {list(WGRAD_MODES)}", file=sys.stderr
         )
         return 1
+    bad = sorted(set(args.jax_winograd) - {"on", "off"})
+    if bad or not args.jax_winograd:
+        print(f"error: --jax_winograd {bad} not valid; use on, off or on,off", file=sys.stderr)
+        return 1
     result = run_benchmark(
         models,
         widths,
@@ -1507,6 +1552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax_precisions=("fp32",) if args.quick else JAX_PRECISIONS,
         jax_wgrad_chunks=args.jax_wgrad_chunks,
         jax_wgrad=jax_wgrad,
+        jax_winograd=[v == "on" for v in args.jax_winograd],
         torch_variants=QUICK_TORCH_VARIANTS if args.quick else TORCH_VARIANTS,
         with_torch=not args.no_torch,
         matmul_n=args.matmul_n,

@@ -274,6 +274,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     need(0 <= config.ema_decay < 1, "ema_decay", "must lie in [0, 1)")
     need(isinstance(config.get("ema_warmup", True), bool), "ema_warmup", "must be True or False")
+    need(
+        isinstance(config.model.get("winograd", True), bool),
+        "model.winograd",
+        "must be True or False",
+    )
     need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(config.grad_clip >= 0, "grad_clip", "must be >= 0")
     need(0 < config.threshold < 1, "threshold", "must lie in (0, 1)")

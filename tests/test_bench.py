@@ -56,7 +56,10 @@ def test_jax_row_schema(no_torch_run):
     # AMX or AVX-512 BF16, the bf16 kernels.
     row, native_row, *bf16_rows = result["rows"]
     assert native_row["layout"] == "nhwc/native" and native_row["train_img_per_s"] > 0
+    # On AVX-512 BF16 without AMX, the models' default winograd=True is named.
     expected = ["nhwc/native_bf16"] if bf16_kernels_available() else []
+    if bench._winograd_runs("native_bf16", True):
+        expected = ["nhwc/native_bf16/winograd"]
     assert [r["layout"] for r in bf16_rows] == expected
     assert tuple(row) == bench.ROW_FIELDS
     assert (row["framework"], row["model"], row["width"], row["precision"], row["batch"]) == (
@@ -185,6 +188,20 @@ def test_native_wgrad_rows(tmp_path):
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert bench.main([*TINY_ARGS, "--jax_wgrad=fast"]) == 1
     assert "--jax_wgrad ['fast'] not valid" in err.getvalue()
+
+
+@pytest.mark.skipif(
+    not bench._winograd_runs("native_bf16", True), reason="Winograd runs on AVX-512 BF16 only"
+)
+def test_winograd_on_and_off_rows(tmp_path):
+    """--jax_winograd=on,off: a bf16-kernel row each, labelled; a bad value is refused."""
+    status, rows = _main_rows(tmp_path, "--jax_wgrad=native_bf16", "--jax_winograd=on,off")
+    assert status == 0
+    assert [r["layout"] for r in rows] == ["nhwc/native_bf16/winograd", "nhwc/native_bf16"]
+    assert all(r["train_img_per_s"] > 0 for r in rows)
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert bench.main([*TINY_ARGS, "--jax_winograd=maybe"]) == 1
+    assert "--jax_winograd ['maybe'] not valid" in err.getvalue()
 
 
 def test_wgrad_layers_mode(tmp_path):

@@ -457,6 +457,30 @@ def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch
     assert "busi_conv_amx_affine_relu" not in train_text
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_scan_reading_block_at_inference_folds_norm_over_taps(dtype, channels, monkeypatch):
+    """train=False on a 1- or 3-channel scan: conv0 + BatchNorm + ReLU as nine shifted
+    products in one fused loop, no conv op left; the unfolded result."""
+    block = blocks.ConvBlock(features=16, wgrad="native_bf16", dtype=dtype)
+    x = jax.random.uniform(jax.random.key(0), (2, 16, 16, channels))
+    v = block.init(jax.random.key(1), x, train=False)
+    v = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
+    apply = lambda v, x: block.apply(v, x, train=False)  # noqa: E731
+    text = jax.jit(apply).lower(v, x).as_text()
+    assert "convolution" not in text
+    assert re.findall(r"busi_conv_amx\w*", text) == ["busi_conv_amx_affine_relu"]
+    folded = jax.jit(apply)(v, x)
+    monkeypatch.setattr(blocks.ConvBlock, "_folds_norm_over_taps", lambda self, x, train: False)
+    plain = jax.jit(apply)(v, x)
+    assert folded.dtype == plain.dtype == jnp.dtype(dtype)
+    # bfloat16: the unfolded conv multiplies bf16-rounded scans and kernels.
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(
+        np.asarray(folded, np.float32), np.asarray(plain, np.float32), rtol=tol, atol=tol
+    )
+
+
 @on_bf16_units
 def test_amx_conv_of_parts_is_the_conv_of_their_concatenation():
     """U-Net skips: the parts are read where they lie, bit-identical to concatenating first."""
@@ -578,3 +602,156 @@ def test_weight_gradients_are_bit_identical_call_to_call(kernel):
     first = np.asarray(fn(x, dy, *args))
     for _ in range(6):
         np.testing.assert_array_equal(np.asarray(fn(x, dy, *args)), first)
+
+
+# Winograd F(2x2, 3x3) (conv_amx.cc, the `winograd` attribute): AVX-512 BF16 only.
+needs_avx512_bf16 = pytest.mark.skipif(not avx512_bf16_available(), reason="no AVX-512 BF16")
+
+
+@pytest.fixture
+def avx512_unit(monkeypatch):
+    """The AVX-512 BF16 path (AMX hidden where present), fresh traces before and after."""
+    jax.clear_caches()
+    monkeypatch.setattr(conv_lib, "amx_available", lambda: False)
+    yield
+    jax.clear_caches()
+
+
+def _winograd_bound(x, w):
+    """What two bf16 roundings per product may cost: 2^-7 of the conv of |x| and |w|."""
+    return 2.0**-7 * _exact_conv(jnp.abs(x), jnp.abs(w), ((1, 1), (1, 1)), 1) + 1e-6
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+@pytest.mark.parametrize(
+    "batch,h,w,c,o",
+    [
+        (1, 32, 32, 32, 16),  # 16-tile runs, one output block.
+        (2, 10, 24, 48, 48),  # 5 tile rows; 12 tiles a row: runs of 8 and 4; blocks 2 + 1.
+        (1, 8, 8, 16, 32),  # One tile row pair, 4 tiles a row.
+        (3, 16, 16, 64, 128),
+    ],
+)
+def test_winograd_conv_is_the_conv_within_bf16_roundings(batch, h, w, c, o):
+    """Against XLA's exact conv of the bf16-rounded inputs: every output (border tiles,
+    which read the zero padding, included) within the error bound, and a different
+    computation from the direct pass (so the Winograd path did run)."""
+    keys = jax.random.split(jax.random.key(c * o + h), 2)
+    x = _bf16(jax.random.normal(keys[0], (batch, h, w, c)))
+    k = jax.random.normal(keys[1], (3, 3, c, o)) / np.sqrt(9 * c)
+    exact = _exact_conv(x, _bf16(k), ((1, 1), (1, 1)), 1)
+    wino = amx_conv(x, k, (1, 1), (1, 1), (h, w), winograd=True)
+    direct = amx_conv(x, k, (1, 1), (1, 1), (h, w))
+    err = np.abs(np.asarray(wino) - np.asarray(exact))
+    assert np.all(err <= _winograd_bound(x, k)), err.max()
+    assert not np.array_equal(np.asarray(wino), np.asarray(direct))
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_reads_parts_and_applies_the_epilogue():
+    """Parts (float32 and bf16) read where they lie, bit-identical to their concatenation;
+    the folded BatchNorm + ReLU applied to the float32 sums; bf16 out rounds once."""
+    keys = jax.random.split(jax.random.key(7), 6)
+    parts = [
+        jax.random.normal(keys[0], (2, 16, 16, 16)).astype(jnp.bfloat16),
+        jax.random.normal(keys[1], (2, 16, 16, 32)),
+        jax.random.normal(keys[2], (2, 16, 16, 16)).astype(jnp.bfloat16),
+    ]
+    k = jax.random.normal(keys[3], (3, 3, 64, 32)) / 24
+    scale, shift = jax.random.normal(keys[4], (32,)), jax.random.normal(keys[5], (32,))
+    kw = dict(winograd=True, scale=scale, shift=shift)
+    got = amx_conv(parts, k, (1, 1), (1, 1), (16, 16), out_dtype=jnp.float32, **kw)
+    cat = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=-1)
+    np.testing.assert_array_equal(got, amx_conv(cat, k, (1, 1), (1, 1), (16, 16), **kw))
+    plain = amx_conv(cat, k, (1, 1), (1, 1), (16, 16), winograd=True)
+    np.testing.assert_allclose(got, jnp.maximum(plain * scale + shift, 0), rtol=1e-5, atol=1e-5)
+    assert float(jnp.mean(got == 0)) > 0.3  # The ReLU did clip.
+    half = amx_conv(parts, k, (1, 1), (1, 1), (16, 16), out_dtype=jnp.bfloat16, **kw)
+    np.testing.assert_array_equal(half, got.astype(jnp.bfloat16))
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_refuses_convolutions_it_cannot_compute():
+    """Dilation 2, or an odd height: one error naming what Winograd needs."""
+    x, k = jnp.ones((1, 16, 16, 16)), jnp.ones((3, 3, 16, 16))
+    with pytest.raises(Exception, match="winograd=1 needs .*dilation 1"):
+        amx_conv(x, k, (2, 2), (2, 2), (16, 16), winograd=True)
+    with pytest.raises(Exception, match="even height"):
+        amx_conv(jnp.ones((1, 15, 16, 16)), k, (1, 1), (1, 1), (15, 16), winograd=True)
+
+
+def test_winograd_is_chosen_on_avx512_bf16_for_even_heights(monkeypatch):
+    """winograd_fits: AVX-512 BF16 without AMX, an even height, a width of 8s."""
+    monkeypatch.setattr(conv_lib, "amx_available", lambda: False)
+    monkeypatch.setattr(conv_lib, "avx512_bf16_available", lambda: True)
+    fits = conv_lib.winograd_fits
+    assert fits(128, 128) and fits(8, 8) and fits(10, 24)
+    assert not fits(33, 40)  # Odd height: no whole 2x2 tiles.
+    assert not fits(64, 60)  # Width not a multiple of 8.
+    monkeypatch.setattr(conv_lib, "amx_available", lambda: True)
+    assert not fits(128, 128)  # AMX tiles: the direct pass.
+    monkeypatch.setattr(conv_lib, "amx_available", lambda: False)
+    monkeypatch.setattr(conv_lib, "avx512_bf16_available", lambda: False)
+    assert not fits(128, 128)
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_gradient_is_the_vjp_within_bf16_roundings():
+    """conv_parts(winograd=True): input gradient by Winograd too, weight gradient direct."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    x = _bf16(jax.random.normal(keys[0], (2, 32, 32, 32)))
+    k = _bf16(jax.random.normal(keys[1], (3, 3, 32, 32)) / 17)
+    dy = _bf16(jax.random.normal(keys[2], (2, 32, 32, 32)))
+    pads = ((1, 1), (1, 1))
+
+    def grads(fn):
+        _, vjp = jax.vjp(fn, x, k)
+        return vjp(dy)
+
+    text = jax.jit(lambda x, k: conv_lib.conv_parts([x], k, winograd=True)).lower(x, k).as_text()
+    assert "winograd = 1" in text
+    gx, gk = grads(lambda x, k: conv_lib.conv_parts([x], k, winograd=True))
+    ex, _ = grads(lambda x, k: _exact_conv(x, k, pads, 1))
+    bound = 2.0**-7 * _exact_conv(
+        jnp.abs(dy), jnp.abs(jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)), pads, 1
+    )
+    assert np.all(np.abs(np.asarray(gx) - np.asarray(ex)) <= bound + 1e-6)
+    direct_gk = grads(lambda x, k: conv_lib.conv_parts([x], k))[1]
+    np.testing.assert_array_equal(gk, direct_gk)  # The weight gradient is untouched.
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_loss_curve_tracks_xla_and_direct():
+    """Six Adam steps of a width-16 U-Net++ with Winograd stay within bf16 noise."""
+    kw = dict(name="unetpp", features=16, depth=2, wgrad="native_bf16")
+    xla = _loss_curve(6, name="unetpp", features=16, depth=2, wgrad="xla")
+    direct = _loss_curve(6, winograd=False, **kw)
+    wino = _loss_curve(6, winograd=True, **kw)
+    assert wino[-1] < wino[0]
+    np.testing.assert_allclose(wino, xla, rtol=1e-2)
+    np.testing.assert_allclose(wino, direct, rtol=2e-2)
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_inference_of_a_model_agrees_with_the_direct_pass():
+    """A U-Net++ at 64 px, batch 1: the folded inference kernels by Winograd, the same masks."""
+    x = jax.random.uniform(jax.random.key(0), (1, 64, 64, 1))
+    outs = {}
+    for wino in (False, True):
+        net = models.create_model(
+            dict(name="unetpp", features=16, depth=2, wgrad="native_bf16", winograd=wino)
+        )
+        v = net.init(jax.random.key(1), x)
+        v = jax.tree.map(lambda a: a + 0.1 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
+        fn = jax.jit(lambda v, x, net=net: net.apply(v, x, train=False))
+        assert ("winograd = 1" in fn.lower(v, x).as_text()) == wino
+        outs[wino] = np.asarray(fn(v, x))
+    scale = np.abs(outs[False]).max()
+    np.testing.assert_allclose(outs[True], outs[False], atol=0.05 * scale)
+    assert np.mean((outs[True] > 0) == (outs[False] > 0)) > 0.99

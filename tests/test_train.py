@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import pytest
 
 from busi_jax import train
@@ -168,6 +169,17 @@ def test_native_wgrad_without_compiler_is_a_config_error(tiny_config, tmp_path, 
 def test_bad_config_values(tiny_config, tmp_path, field, value, msg):
     tiny_config[field] = value
     with pytest.raises(train.ConfigError, match=f"config.{field}.*{msg}"):
+        train.train_and_evaluate(tiny_config, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_bad_winograd_value(tiny_config, tmp_path):
+    # ConfigDict refuses a str for the default's bool; a config building its
+    # own model dict gets the check.
+    tiny_config.model = ml_collections.ConfigDict(
+        {**tiny_config.model.to_dict(), "winograd": "yes"}
+    )
+    with pytest.raises(train.ConfigError, match="config.model.winograd='yes': must be True or"):
         train.train_and_evaluate(tiny_config, tmp_path)
     assert not (tmp_path / "config.json").exists()
 

@@ -25,9 +25,11 @@ from busi_jax.models.conv import (
     amx_conv,
     amx_conv_general_dilated,
     amx_fits,
+    amx_winograd_conv_general_dilated,
     chunked_conv,
     conv_parts,
     native_wgrad_conv,
+    winograd_fits,
 )
 from busi_jax.models.norm import BatchNormReLU
 
@@ -73,6 +75,7 @@ def conv(
     dtype: Dtype = jnp.float32,
     wgrad_chunks: int = 1,
     wgrad: str = "xla",
+    winograd: bool = False,
     name: str | None = None,
 ) -> nn.Conv:
     """A 'SAME'-padded square convolution with He init and float32 params.
@@ -83,12 +86,15 @@ def conv(
     BF16 for 'native_bf16' on CPUs without them) where the shapes allow;
     otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
     (:mod:`busi_jax.models.conv`). Outputs and parameters are the same.
+    With the bf16 kernels, ``winograd`` runs the forward pass and input
+    gradient by Winograd F(2x2, 3x3) where it pays
+    (:data:`busi_jax.models.conv.amx_winograd_conv_general_dilated`).
     """
     check_choice("wgrad", wgrad, WGRAD_MODES)
     if wgrad == "native":
         custom = native_wgrad_conv
     elif wgrad in BF16_MODES:
-        custom = amx_conv_general_dilated
+        custom = amx_winograd_conv_general_dilated if winograd else amx_conv_general_dilated
     else:
         custom = chunked_conv(wgrad_chunks) if wgrad_chunks > 1 else None
     return nn.Conv(
@@ -110,6 +116,11 @@ def conv(
 # Measured on 2 CPU cores, batch 16, 8 slices: 32 ch at 64x64 2.2x faster,
 # 64 ch at 32x32 2.4x, 128 ch at 16x16 1.1x; 16 ch at 128x128 2x slower.
 WGRAD_MIN_FEATURES = 32
+
+# Inference convolutions of at most this many input channels (the scan:
+# grayscale or RGB) run as nine shifted multiply-adds: see
+# ConvBlock._folds_norm_over_taps.
+TAPS_MAX_CHANNELS = 3
 WGRAD_MAX_PIXELS = 64 * 64
 
 
@@ -295,6 +306,10 @@ class ConvBlock(nn.Module):
         conv), 'native_bf16' or 'native_amx' (that, plus bf16 forward and
         input gradient: see :func:`conv`); any but 'xla' overrides
         ``wgrad_chunks``.
+      winograd: with the bf16 kernels on AVX-512 BF16 (no AMX), the 3x3
+        convolutions' forward passes and input gradients by Winograd
+        F(2x2, 3x3) (:func:`busi_jax.models.conv.winograd_fits`,
+        :func:`busi_jax.models.conv.amx_conv`); False: the direct pass.
     """
 
     features: int
@@ -305,6 +320,7 @@ class ConvBlock(nn.Module):
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
     wgrad: str = "xla"
+    winograd: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array | Sequence[jax.Array], train: bool = False) -> jax.Array:
@@ -326,8 +342,13 @@ class ConvBlock(nn.Module):
             if self._folds_norm(x, train):
                 x = self._amx_conv_norm_relu(x, i)
                 continue
+            if self._folds_norm_over_taps(x, train):
+                x = self._taps_conv_norm_relu(x, i)
+                continue
             if isinstance(x, (list, tuple)):
-                x = PartsConv(self.features, dtype=self.dtype, name=f"conv{i}")(x)
+                x = PartsConv(
+                    self.features, dtype=self.dtype, winograd=self.winograd, name=f"conv{i}"
+                )(x)
                 x = _norm_relu(self, x, train, i)
                 continue
             x = conv(
@@ -337,6 +358,7 @@ class ConvBlock(nn.Module):
                 dtype=self.dtype,
                 wgrad_chunks=chunks,
                 wgrad=self.wgrad,
+                winograd=self.winograd,
                 name=f"conv{i}",
             )(x)
             x = _norm_relu(self, x, train, i)
@@ -357,6 +379,41 @@ class ConvBlock(nn.Module):
             and fits
         )
 
+    def _folds_norm_over_taps(self, x: jax.Array | Sequence[jax.Array], train: bool) -> bool:
+        # The same folding for a block reading the scan itself (1-3
+        # channels: too few for the bf16 kernels). XLA:CPU ran that 1 -> 16
+        # channel conv at ~5 GFLOP/s (0.6 ms of a 128-px U-Net++'s ~11 ms
+        # batch-1 inference); as nine shifted multiply-adds with the
+        # BatchNorm and ReLU it is one fused loop (0.09 ms).
+        return (
+            not train
+            and not isinstance(x, (list, tuple))
+            and x.shape[-1] <= TAPS_MAX_CHANNELS
+            and self.wgrad in BF16_MODES
+            and self.norm == "batch"
+            and not self.is_initializing()
+        )
+
+    def _taps_conv_norm_relu(self, x: jax.Array, i: int) -> jax.Array:
+        """``relu(norm{i}(conv{i}(x)))`` at ``train=False``, the conv as 9 shifted products."""
+        kernel = self.variables["params"][f"conv{i}"]["kernel"]
+        scale, shift = self._folded_norm(i)
+        h, w = x.shape[1:3]
+        xp = jnp.pad(x.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+        y = sum(
+            jnp.sum(xp[:, a : a + h, b : b + w, :, None] * kernel[a, b], axis=-2)
+            for a in range(3)
+            for b in range(3)
+        )
+        return jnp.maximum(y * scale + shift, 0).astype(self.dtype)
+
+    def _folded_norm(self, i: int) -> tuple[jax.Array, jax.Array]:
+        """The running-average BatchNorm ``norm{i}`` as ``(scale, shift)`` ``[features]``."""
+        bn = self.variables["params"][f"norm{i}"]
+        stats = self.variables["batch_stats"][f"norm{i}"]
+        scale = bn["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
+        return scale, bn["bias"] - stats["mean"] * scale
+
     def _convolves_parts(self, x: jax.Array | Sequence[jax.Array]) -> bool:
         # conv_parts has no bias: with norm='none' the convs carry one.
         parts = x if isinstance(x, (list, tuple)) else [x]
@@ -369,13 +426,18 @@ class ConvBlock(nn.Module):
     def _amx_conv_norm_relu(self, x: jax.Array | Sequence[jax.Array], i: int) -> jax.Array:
         """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables."""
         kernel = self.variables["params"][f"conv{i}"]["kernel"]
-        bn = self.variables["params"][f"norm{i}"]
-        stats = self.variables["batch_stats"][f"norm{i}"]
-        scale = bn["scale"] * jax.lax.rsqrt(stats["var"] + BN_EPSILON)
-        shift = bn["bias"] - stats["mean"] * scale
+        scale, shift = self._folded_norm(i)
         hw = (x[0] if isinstance(x, (list, tuple)) else x).shape[1:3]
         return amx_conv(
-            x, kernel, (1, 1), (1, 1), hw, scale=scale, shift=shift, out_dtype=self.dtype
+            x,
+            kernel,
+            (1, 1),
+            (1, 1),
+            hw,
+            scale=scale,
+            shift=shift,
+            out_dtype=self.dtype,
+            winograd=self.winograd and winograd_fits(*hw),
         )
 
 
@@ -391,10 +453,12 @@ class PartsConv(nn.Module):
     Attributes:
       features: output channels.
       dtype: compute dtype.
+      winograd: see :func:`busi_jax.models.conv.conv_parts`.
     """
 
     features: int
     dtype: Dtype = jnp.float32
+    winograd: bool = False
 
     @nn.compact
     def __call__(self, parts: Sequence[jax.Array]) -> jax.Array:
@@ -402,7 +466,7 @@ class PartsConv(nn.Module):
         c = sum(p.shape[-1] for p in parts)
         kernel = self.param("kernel", HE_INIT, (3, 3, c, self.features), PARAM_DTYPE)
         *parts, kernel = nn.dtypes.promote_dtype(*parts, kernel, dtype=self.dtype)
-        return conv_parts(parts, kernel)
+        return conv_parts(parts, kernel, winograd=self.winograd)
 
 
 class DilatedBottleneck(nn.Module):
@@ -416,8 +480,8 @@ class DilatedBottleneck(nn.Module):
     Attributes:
       features: output channels.
       dilations: dilation rate of each conv in the cascade.
-      norm, se, se_reduction, norm_groups, dtype, wgrad_chunks, wgrad: as in
-        :class:`ConvBlock`.
+      norm, se, se_reduction, norm_groups, dtype, wgrad_chunks, wgrad, winograd:
+        as in :class:`ConvBlock` (Winograd only for the dilation-1 conv).
     """
 
     features: int
@@ -429,6 +493,7 @@ class DilatedBottleneck(nn.Module):
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
     wgrad: str = "xla"
+    winograd: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -446,6 +511,7 @@ class DilatedBottleneck(nn.Module):
                 dtype=self.dtype,
                 wgrad_chunks=self.wgrad_chunks,
                 wgrad=self.wgrad,
+                winograd=self.winograd,
                 name=f"conv{i}",
             )(y)
             y = _norm_relu(self, y, train, i)

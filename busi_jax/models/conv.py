@@ -129,11 +129,14 @@ def _static_kwargs(lhs, rhs, *args, **kwargs) -> tuple:
     return tuple(out)
 
 
-def _replacement(rule_for: Callable[[jax.Array, jax.Array, dict], tuple | None]):
+def _replacement(
+    rule_for: Callable[[jax.Array, jax.Array, dict], tuple | None], winograd: bool = False
+):
     """A ``lax.conv_general_dilated`` look-alike whose weight gradient follows ``rule_for``.
 
     ``rule_for(lhs, rhs, kwargs)`` returns the rule for :func:`_bwd`, or None
-    to leave that convolution, gradient included, to XLA.
+    to leave that convolution, gradient included, to XLA. ``winograd`` goes
+    to :func:`conv_parts` for the 'amx' rule.
     """
 
     def conv_general_dilated(lhs, rhs, *args, **kwargs):
@@ -144,7 +147,7 @@ def _replacement(rule_for: Callable[[jax.Array, jax.Array, dict], tuple | None])
         if rule is None:
             return lax.conv_general_dilated(lhs, rhs, **options)
         if rule[0] == "amx":
-            return conv_parts([lhs], rhs, rule[1], rule[2])
+            return conv_parts([lhs], rhs, rule[1], rule[2], winograd=winograd)
         return _conv(lhs, rhs, (static, rule))
 
     return conv_general_dilated
@@ -253,6 +256,7 @@ def amx_conv(
     scale: jax.Array | None = None,
     shift: jax.Array | None = None,
     out_dtype=None,
+    winograd: bool = False,
 ) -> jax.Array:
     """A stride-1 NHWC/HWIO convolution on AMX tiles (``busi_jax/csrc/conv_amx.cc``).
 
@@ -276,6 +280,11 @@ def amx_conv(
         pass over the activations). Forward only: no gradient is defined.
       out_dtype: float32 or bfloat16; default bfloat16 if ``x`` and ``kernel``
         both are, else float32.
+      winograd: compute it by Winograd F(2x2, 3x3) (2.25x fewer products;
+        the transformed input and kernel are rounded to bf16, so results
+        differ from the direct pass by a few bf16 roundings). Only for the
+        AVX-512 BF16 unit (:func:`winograd_fits`), a 3x3 kernel, dilation 1,
+        padding 1 and a same-size output of even height.
 
     Returns:
       ``[B, Ho, Wo, O]`` of ``out_dtype``.
@@ -294,7 +303,7 @@ def amx_conv(
     elif len(parts) > 1:
         name = "conv_amx_concat_affine_relu"
         args = [kernel, scale.astype(jnp.float32), shift.astype(jnp.float32), *parts]
-    elif scale is not None:
+    if len(parts) == 1 and scale is not None:
         name = "conv_amx_affine_relu"
         args += [scale.astype(jnp.float32), shift.astype(jnp.float32)]
     call = jax.ffi.ffi_call(native.load(name), jax.ShapeDtypeStruct(shape, out_dtype))
@@ -305,6 +314,7 @@ def amx_conv(
         pad_h=int(pad_lo[0]),
         pad_w=int(pad_lo[1]),
         unit=bf16_unit(),
+        winograd=int(winograd),
     )
 
 
@@ -317,16 +327,26 @@ def _transposed_pads(kernel_hw, dilation, pads) -> tuple:
 
 
 def amx_input_gradient(
-    dy: jax.Array, kernel: jax.Array, dilation, pads, in_hw: tuple[int, int]
+    dy: jax.Array,
+    kernel: jax.Array,
+    dilation,
+    pads,
+    in_hw: tuple[int, int],
+    *,
+    winograd: bool = False,
 ) -> jax.Array:
     """``d conv(x, kernel) / dx`` applied to ``dy`` ``[B, Ho, Wo, O]``, on AMX.
+
+    ``winograd``: as in :func:`amx_conv`, where the transposed conv allows it.
 
     Returns:
       ``[B, H, W, C]`` (``(H, W) = in_hw``), dtype as in :func:`amx_conv`.
     """
     flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-    lo = tuple(p[0] for p in _transposed_pads(kernel.shape[:2], dilation, pads))
-    return amx_conv(dy, flipped, dilation, lo, in_hw)
+    back = _transposed_pads(kernel.shape[:2], dilation, pads)
+    lo = tuple(p[0] for p in back)
+    wino = _winograd_applies(winograd, in_hw, flipped.shape, dilation, back)
+    return amx_conv(dy, flipped, dilation, lo, in_hw, winograd=wino)
 
 
 def conv_parts(
@@ -334,6 +354,7 @@ def conv_parts(
     kernel: jax.Array,
     dilation=(1, 1),
     pads=((1, 1), (1, 1)),
+    winograd: bool = False,
 ) -> jax.Array:
     """A stride-1 conv of the channel concatenation of ``parts``, differentiable, on the bf16 kernels.
 
@@ -353,19 +374,28 @@ def conv_parts(
       dilation: ``(dh, dw)``.
       pads: ``((lo_h, hi_h), (lo_w, hi_w))`` zero padding; the output width
         must be a multiple of 8.
+      winograd: forward pass and input gradient by Winograd F(2x2, 3x3)
+        where the conv allows it (3x3, dilation 1, padding 1;
+        :func:`winograd_fits`; see :func:`amx_conv`); the weight gradient
+        stays direct.
 
     Returns:
       ``[B, Ho, Wo, O]`` in the parts' and kernel's result dtype.
     """
-    static = (tuple(int(d) for d in dilation), tuple(tuple(int(v) for v in p) for p in pads))
+    static = (
+        tuple(int(d) for d in dilation),
+        tuple(tuple(int(v) for v in p) for p in pads),
+        bool(winograd),
+    )
     return _conv_parts(tuple(parts), kernel, static)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_parts(parts: tuple, kernel: jax.Array, static: tuple) -> jax.Array:
-    dilation, pads = static
+    dilation, pads, winograd = static
     out_hw = _out_hw(parts[0].shape[1:3], kernel.shape[:2], dilation, pads)
-    y = amx_conv(list(parts), kernel, dilation, tuple(p[0] for p in pads), out_hw)
+    wino = _winograd_applies(winograd, out_hw, kernel.shape, dilation, pads)
+    y = amx_conv(list(parts), kernel, dilation, tuple(p[0] for p in pads), out_hw, winograd=wino)
     return y.astype(jnp.result_type(*(p.dtype for p in parts), kernel.dtype))
 
 
@@ -374,9 +404,9 @@ def _conv_parts_fwd(parts, kernel, static):
 
 
 def _conv_parts_bwd(static, res, g):
-    dilation, pads = static
+    dilation, pads, winograd = static
     parts, kernel = res
-    d_x = amx_input_gradient(g, kernel, dilation, pads, parts[0].shape[1:3])
+    d_x = amx_input_gradient(g, kernel, dilation, pads, parts[0].shape[1:3], winograd=winograd)
     d_parts, start = [], 0
     for p in parts:
         d_parts.append(d_x[..., start : start + p.shape[-1]].astype(p.dtype))
@@ -420,6 +450,35 @@ def bf16_unit() -> int:
     raise native.NativeBuildError(
         "the bf16 conv kernels need a CPU with AMX bf16 tiles or AVX-512 BF16; "
         "use model.wgrad='native' or 'xla'"
+    )
+
+
+def winograd_fits(height: int, width: int) -> bool:
+    """Whether a 3x3 'SAME' conv with this output size runs by Winograd here.
+
+    True on CPUs whose bf16 kernels use AVX-512 BF16 (AMX's tile products
+    are fast enough that the transforms would not pay), for an even height
+    and a width of a multiple of 8. Timed per layer on an AMD EPYC (2 cores,
+    bf16 in and out), Winograd ran 1.2-1.9x faster than the direct pass at
+    batch 16 and 1.2-1.7x at batch 1, from 8x8 to 128x128 px and 16 to 256
+    channels (docs/BENCHMARKS.md, fourteenth session).
+    """
+    return (
+        not amx_available()
+        and avx512_bf16_available()
+        and height % 2 == 0
+        and width % AMX_WIDTH == 0
+    )
+
+
+def _winograd_applies(winograd: bool, hw, kernel_shape, dilation, pads) -> bool:
+    """``winograd`` requested and the conv (``kernel_shape [KH, KW, C, O]``) suits it."""
+    return (
+        winograd
+        and tuple(kernel_shape[:2]) == (3, 3)
+        and tuple(dilation) == (1, 1)
+        and tuple(map(tuple, pads)) == ((1, 1), (1, 1))
+        and winograd_fits(*hw)
     )
 
 
@@ -521,4 +580,13 @@ conditions, plus 16-channel multiples, widths a multiple of 8 and an AMX
 CPU), its forward pass and input gradient run in :func:`amx_conv` and its
 weight gradient in :func:`amx_weight_gradient` (bf16 products, float32
 sums); otherwise it behaves as :data:`native_wgrad_conv`.
+"""
+
+amx_winograd_conv_general_dilated = _replacement(_amx_rule, winograd=True)
+amx_winograd_conv_general_dilated.__doc__ = """:data:`amx_conv_general_dilated` with ``winograd=True``.
+
+Its 3x3 'SAME' convolutions' forward passes and input gradients run by
+Winograd F(2x2, 3x3) where :func:`winograd_fits` (AVX-512 BF16 CPUs
+only); the weight gradient, and every other convolution, as
+:data:`amx_conv_general_dilated`.
 """

@@ -70,6 +70,7 @@ class UNetEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
     wgrad: str = "xla"
+    winograd: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[list[jax.Array], jax.Array]:
@@ -92,6 +93,7 @@ class UNetEncoder(nn.Module):
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
             wgrad=self.wgrad,
+            winograd=self.winograd,
         )
         skips = []
         for i in range(self.depth):
@@ -132,6 +134,7 @@ class UNetDecoder(nn.Module):
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
     wgrad: str = "xla"
+    winograd: bool = True
 
     @nn.compact
     def __call__(self, skips: Sequence[jax.Array], x: jax.Array, train: bool = False) -> jax.Array:
@@ -164,6 +167,7 @@ class UNetDecoder(nn.Module):
                 dtype=self.dtype,
                 wgrad_chunks=self.wgrad_chunks,
                 wgrad=self.wgrad,
+                winograd=self.winograd,
                 name=f"dec{i}",
             )([skip, up.astype(skip.dtype)], train)
         return x
@@ -205,6 +209,11 @@ class UNet(nn.Module):
       wgrad: 'xla' or 'native': every 3x3 conv's weight gradient from the
         C++ kernel (:mod:`busi_jax.models.conv`; built on first use, needs a
         C++ compiler); a speed setting like ``wgrad_chunks``.
+      winograd: with the bf16 kernels on AVX-512 BF16 (no AMX), the 3x3
+        convolutions' forward passes and input gradients by Winograd
+        F(2x2, 3x3) (:func:`busi_jax.models.conv.winograd_fits`; 2.25x fewer
+        products; results differ from the direct pass by bf16 roundings);
+        False keeps the direct pass. A speed setting.
     """
 
     depth: int = 4
@@ -221,6 +230,7 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
     wgrad: str = "xla"
+    winograd: bool = True
 
     def __post_init__(self):
         _check_common(self.depth, self.features, self.norm, self.se, self.upsample)
@@ -240,6 +250,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
             wgrad=self.wgrad,
+            winograd=self.winograd,
             name="encoder",
         )
 
@@ -256,6 +267,7 @@ class UNet(nn.Module):
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
             wgrad=self.wgrad,
+            winograd=self.winograd,
             name="decoder",
         )
 

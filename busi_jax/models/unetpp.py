@@ -92,7 +92,8 @@ class UNetPlusPlus(nn.Module):
       features: base width (doubles at each level).
       out_channels: logit channels.
       norm, norm_groups, upsample, se, se_reduction, dilated_bottleneck,
-        dilations, dtype, wgrad_chunks, wgrad: as in :class:`busi_jax.models.unet.UNet` (the
+        dilations, dtype, wgrad_chunks, wgrad, winograd: as in
+        :class:`busi_jax.models.unet.UNet` (the
         dilated bottleneck replaces ``X^{L,0}``). Attention gates are not
         offered: the dense skip pathways already re-weight encoder features.
       deep_supervision: heads on every ``X^{0,j}``. With ``train=True`` the
@@ -121,6 +122,7 @@ class UNetPlusPlus(nn.Module):
     dtype: Dtype = jnp.float32
     wgrad_chunks: int = 1
     wgrad: str = "xla"
+    winograd: bool = True
 
     def __post_init__(self):
         _check_common(self.depth, self.features, self.norm, self.se, self.upsample)
@@ -167,6 +169,7 @@ class UNetPlusPlus(nn.Module):
             dtype=self.dtype,
             wgrad_chunks=self.wgrad_chunks,
             wgrad=self.wgrad,
+            winograd=self.winograd,
         )
         nodes: dict[tuple[int, int], jax.Array] = {}
         h = x
