@@ -1203,6 +1203,125 @@ def time_wgrad_layers(
     return rows
 
 
+# Every distinct 3x3 'SAME' convolution of the width-16 U-Net++ that the bf16
+# kernels run (the 1-channel first one is not among them).
+WINOGRAD_LAYER_SHAPES = (
+    (128, 16, 16),
+    (128, 32, 16),
+    (128, 48, 16),
+    (128, 64, 16),
+    (128, 80, 16),
+    (64, 16, 32),
+    (64, 32, 32),
+    (64, 64, 32),
+    (64, 96, 32),
+    (64, 128, 32),
+    (32, 32, 64),
+    (32, 64, 64),
+    (32, 128, 64),
+    (32, 192, 64),
+    (16, 64, 128),
+    (16, 128, 128),
+    (16, 256, 128),
+    (8, 128, 256),
+    (8, 256, 256),
+)
+
+
+def time_winograd_layers(
+    shapes: Sequence[tuple[int, int, int]] = WINOGRAD_LAYER_SHAPES,
+    *,
+    batch: int = 16,
+    reps: int = 5,
+    rounds: int = 3,
+) -> list[dict]:
+    """Times one bf16 3x3 'SAME' convolution, direct against Winograd F(2x2, 3x3).
+
+    bf16 input, float32 kernel, bf16 output, the AVX-512 BF16 kernels
+    (:func:`busi_jax.models.conv.amx_conv`). The two run alternately,
+    ``rounds`` times ``reps`` calls each, in this process, so machine drift
+    hits both; each time is the fastest call.
+
+    Returns:
+      One dict per shape: ``side``, ``c_in``, ``c_out``, ``direct_ms``,
+      ``winograd_ms``, ``direct_gflops`` (of the direct pass's 2 * 9 * C_in *
+      C_out products per pixel, for both), ``winograd_gflops``, ``speedup``
+      (direct / Winograd time) and the largest absolute difference of each
+      from XLA's exact convolution of the same bf16-rounded operands,
+      relative to that output's largest magnitude (``direct_rel_err``,
+      ``winograd_rel_err``).
+
+    Raises:
+      RuntimeError: this CPU does not run the Winograd path (AMX, or no
+        AVX-512 BF16).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from busi_jax.models.conv import amx_conv, winograd_fits
+
+    if not winograd_fits(8, 8):
+        raise RuntimeError("Winograd runs on CPUs with AVX-512 BF16 and without AMX only")
+    dn = ("NHWC", "HWIO", "NHWC")
+    rows = []
+    for side, c_in, c_out in shapes:
+        kx, kw = jax.random.split(jax.random.key(side * 1000 + c_in))
+        x = jax.random.normal(kx, (batch, side, side, c_in)).astype(jnp.bfloat16)
+        w = jax.random.normal(kw, (3, 3, c_in, c_out)) / (3.0 * c_in**0.5)
+        fns = {
+            name: jax.jit(
+                lambda x, w, wino=wino: amx_conv(
+                    x, w, (1, 1), (1, 1), (side, side), out_dtype=jnp.bfloat16, winograd=wino
+                )
+            )
+            for name, wino in (("direct", False), ("winograd", True))
+        }
+        out = {k: jax.block_until_ready(f(x, w)) for k, f in fns.items()}
+        best = dict.fromkeys(fns, math.inf)
+        for _ in range(rounds):
+            for k, f in fns.items():
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(x, w))
+                    best[k] = min(best[k], time.perf_counter() - t0)
+        exact = lax.conv_general_dilated(
+            x.astype(jnp.float32),
+            w.astype(jnp.bfloat16).astype(jnp.float32),
+            (1, 1),
+            "SAME",
+            dimension_numbers=dn,
+            precision="highest",
+        )
+        scale = float(jnp.max(jnp.abs(exact)))
+        flop = 2.0 * batch * side * side * c_in * c_out * 9
+        row = dict(side=side, c_in=c_in, c_out=c_out)
+        for k in fns:
+            row[f"{k}_ms"] = best[k] * 1e3
+            row[f"{k}_gflops"] = flop / best[k] / 1e9
+            err = jnp.max(jnp.abs(out[k].astype(jnp.float32) - exact))
+            row[f"{k}_rel_err"] = float(err) / scale
+        row["speedup"] = best["direct"] / best["winograd"]
+        rows.append(row)
+    return rows
+
+
+def format_winograd_layers(rows: Sequence[dict]) -> str:
+    """The per-layer direct / Winograd rows as a text table."""
+    lines = [
+        f"{'side':>4} {'C_in':>5} {'C_out':>5} {'direct ms':>9} {'Wino ms':>8}"
+        f" {'direct GF/s':>11} {'Wino GF/s*':>10} {'speedup':>8} {'direct err':>10} {'Wino err':>9}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['side']:>4} {r['c_in']:>5} {r['c_out']:>5} {r['direct_ms']:9.3f}"
+            f" {r['winograd_ms']:8.3f} {r['direct_gflops']:11.0f} {r['winograd_gflops']:10.0f}"
+            f" {r['speedup']:7.2f}x {r['direct_rel_err']:10.1e} {r['winograd_rel_err']:9.1e}"
+        )
+    lines.append("* the direct pass's product count over Winograd's time")
+    return "\n".join(lines)
+
+
 def format_wgrad_layers(rows: Sequence[dict]) -> str:
     """The per-layer weight-gradient rows as a text table."""
     title = (
@@ -1450,6 +1569,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         " pays, the models' default), off (the direct pass), or on,off (a row each)",
     )
     p.add_argument(
+        "--winograd_layers",
+        action="store_true",
+        help="instead: time each bf16 3x3 conv shape of the width-16 U-Net++ at --batch, the"
+        " direct pass against Winograd (AVX-512 BF16 CPUs without AMX)",
+    )
+    p.add_argument(
         "--wgrad_layers",
         action="store_true",
         help="instead: time each 3x3 conv weight gradient of the width-16 U-Net++, XLA vs C++",
@@ -1484,10 +1609,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from busi_jax import memory
 
         memory.keep_freed_memory()  # This process (in-process rows, --profile).
-    if args.wgrad_layers:
+    if args.wgrad_layers or args.winograd_layers:
         machine = machine_info()  # Before timing: its load average is the one at start.
-        layer_rows = time_wgrad_layers(WGRAD_LAYER_SHAPES, batch=args.batch, reps=args.steps or 5)
-        print(format_wgrad_layers(layer_rows))
+        if args.winograd_layers:
+            try:
+                layer_rows = time_winograd_layers(
+                    WINOGRAD_LAYER_SHAPES, batch=args.batch, reps=args.steps or 5
+                )
+            except RuntimeError as e:
+                print(f"error: --winograd_layers: {e}", file=sys.stderr)
+                return 1
+            print(format_winograd_layers(layer_rows))
+        else:
+            layer_rows = time_wgrad_layers(
+                WGRAD_LAYER_SHAPES, batch=args.batch, reps=args.steps or 5
+            )
+            print(format_wgrad_layers(layer_rows))
         if args.output:
             from busi_jax import io as busi_io
 

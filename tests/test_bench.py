@@ -204,6 +204,26 @@ def test_winograd_on_and_off_rows(tmp_path):
     assert "--jax_winograd ['maybe'] not valid" in err.getvalue()
 
 
+@pytest.mark.skipif(
+    not bench._winograd_runs("native_bf16", True), reason="Winograd runs on AVX-512 BF16 only"
+)
+def test_winograd_layers_mode(tmp_path):
+    """--winograd_layers times the direct pass and Winograd per shape; both near exact."""
+    out = tmp_path / "layers.json"
+    shapes = ((16, 16, 16), (8, 32, 48))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "WINOGRAD_LAYER_SHAPES", shapes)
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            args = ["--winograd_layers", "--batch=2", "--steps=1", f"--output={out}"]
+            assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["side"], r["c_in"], r["c_out"]) for r in rows] == list(shapes)
+    for r in rows:
+        assert r["direct_ms"] > 0 and r["winograd_ms"] > 0 and r["speedup"] > 0
+        assert r["direct_rel_err"] < 1e-2 and r["winograd_rel_err"] < 2e-2
+    assert "Wino ms" in text.getvalue()
+
+
 def test_wgrad_layers_mode(tmp_path):
     """--wgrad_layers times XLA's and the C++ weight gradient per shape; both agree."""
     out = tmp_path / "layers.json"
