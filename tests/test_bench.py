@@ -177,6 +177,13 @@ def _main_rows(tmp_path, *flags):
     return status, json.loads(out.read_text())["rows"]
 
 
+def _refused(flag, message):
+    """bench.main with one bad flag: exit status 1 and ``message`` on stderr."""
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert bench.main([*TINY_ARGS, flag]) == 1
+    assert message in err.getvalue()
+
+
 def test_native_wgrad_rows(tmp_path):
     """--jax_wgrad / --jax_wgrad_chunks add JAX rows labelled in their layout; the C++
     kernel's row reports the same FLOP count as XLA's."""
@@ -185,9 +192,7 @@ def test_native_wgrad_rows(tmp_path):
     assert [r["layout"] for r in rows] == ["nhwc", "nhwc/wgrad2", "nhwc/native"]
     assert all(r["train_img_per_s"] > 0 for r in rows)
     assert rows[2]["gflop_per_step"] == pytest.approx(rows[0]["gflop_per_step"], rel=1e-6)
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        assert bench.main([*TINY_ARGS, "--jax_wgrad=fast"]) == 1
-    assert "--jax_wgrad ['fast'] not valid" in err.getvalue()
+    _refused("--jax_wgrad=fast", "--jax_wgrad ['fast'] not valid")
 
 
 @pytest.mark.skipif(
@@ -199,9 +204,7 @@ def test_winograd_on_and_off_rows(tmp_path):
     assert status == 0
     assert [r["layout"] for r in rows] == ["nhwc/native_bf16/winograd", "nhwc/native_bf16"]
     assert all(r["train_img_per_s"] > 0 for r in rows)
-    with contextlib.redirect_stderr(io.StringIO()) as err:
-        assert bench.main([*TINY_ARGS, "--jax_winograd=maybe"]) == 1
-    assert "--jax_winograd ['maybe'] not valid" in err.getvalue()
+    _refused("--jax_winograd=maybe", "--jax_winograd ['maybe'] not valid")
 
 
 @pytest.mark.skipif(
@@ -209,34 +212,34 @@ def test_winograd_on_and_off_rows(tmp_path):
 )
 def test_winograd_layers_mode(tmp_path):
     """--winograd_layers times the direct pass and Winograd per shape; both near exact."""
-    out = tmp_path / "layers.json"
     shapes = ((16, 16, 16), (8, 32, 48))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "WINOGRAD_LAYER_SHAPES", shapes)
-        with contextlib.redirect_stdout(io.StringIO()) as text:
-            args = ["--winograd_layers", "--batch=2", "--steps=1", f"--output={out}"]
-            assert bench.main(args) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["side"], r["c_in"], r["c_out"]) for r in rows] == list(shapes)
+    rows, text = _layer_rows(tmp_path, "--winograd_layers", "WINOGRAD_LAYER_SHAPES", shapes)
     for r in rows:
         assert r["direct_ms"] > 0 and r["winograd_ms"] > 0 and r["speedup"] > 0
         assert r["direct_rel_err"] < 1e-2 and r["winograd_rel_err"] < 2e-2
-    assert "Wino ms" in text.getvalue()
+    assert "Wino ms" in text
+
+
+def _layer_rows(tmp_path, mode, shapes_name, shapes):
+    """bench.main in a per-layer mode over ``shapes`` (patched in as ``shapes_name``),
+    batch 2: its rows (checked to be those shapes, in order) and printed text."""
+    out = tmp_path / "layers.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, shapes_name, shapes)
+        with contextlib.redirect_stdout(io.StringIO()) as text:
+            assert bench.main([mode, "--batch=2", "--steps=1", f"--output={out}"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["side"], r["c_in"], r["c_out"]) for r in rows] == list(shapes)
+    return rows, text.getvalue()
 
 
 def test_wgrad_layers_mode(tmp_path):
     """--wgrad_layers times XLA's and the C++ weight gradient per shape; both agree."""
-    out = tmp_path / "layers.json"
     shapes = ((8, 1, 16), (8, 16, 32))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "WGRAD_LAYER_SHAPES", shapes)
-        with contextlib.redirect_stdout(io.StringIO()) as text:
-            assert bench.main(["--wgrad_layers", "--batch=2", "--steps=1", f"--output={out}"]) == 0
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["side"], r["c_in"], r["c_out"]) for r in rows] == list(shapes)
+    rows, text = _layer_rows(tmp_path, "--wgrad_layers", "WGRAD_LAYER_SHAPES", shapes)
     for r in rows:
         assert r["xla_ms"] > 0 and r["native_ms"] > 0 and r["max_rel_diff"] < 1e-4
-    assert "speedup" in text.getvalue()
+    assert "speedup" in text
 
 
 def test_profile_mode_sums_time_per_op(tmp_path):

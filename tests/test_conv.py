@@ -426,21 +426,33 @@ def test_amx_affine_relu_epilogue_is_applied_to_the_float32_sums(out_dtype):
     )  # The plain call is untouched.
 
 
+def _folded_and_plain(block, x, fold, monkeypatch):
+    """A ConvBlock at train=False with its ``fold`` method on, then off.
+
+    Returns ``(variables, lowered text, folded output, unfolded output)``;
+    the variables' running statistics and affine parameters are moved away
+    from their initial 0/1 so a wrong fold shows.
+    """
+    v = block.init(jax.random.key(1), x, train=False)
+    v = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
+
+    def apply(v, x):
+        return block.apply(v, x, train=False)
+
+    text = jax.jit(apply).lower(v, x).as_text()
+    folded = jax.jit(apply)(v, x)
+    monkeypatch.setattr(blocks.ConvBlock, fold, lambda self, x, train: False)
+    return v, text, folded, jax.jit(apply)(v, x)
+
+
 @on_bf16_units
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_amx_conv_block_at_inference_folds_norm_into_one_call(dtype, monkeypatch):
     """train=False: conv + running-average BatchNorm + ReLU as one AMX call, same result."""
     block = blocks.ConvBlock(features=32, wgrad="native_bf16", dtype=dtype)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 16))
-    v = block.init(jax.random.key(1), x, train=False)
-    # Running statistics and affine parameters away from their initial 0/1.
-    v = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
-    apply = lambda v, x: block.apply(v, x, train=False)  # noqa: E731
-    calls = re.findall(r"busi_conv_amx\w*", jax.jit(apply).lower(v, x).as_text())
-    assert calls == ["busi_conv_amx_affine_relu"] * 2
-    fused = jax.jit(apply)(v, x)
-    monkeypatch.setattr(blocks.ConvBlock, "_folds_norm", lambda self, x, train: False)
-    plain = jax.jit(apply)(v, x)
+    v, text, fused, plain = _folded_and_plain(block, x, "_folds_norm", monkeypatch)
+    assert re.findall(r"busi_conv_amx\w*", text) == ["busi_conv_amx_affine_relu"] * 2
     assert fused.dtype == plain.dtype == jnp.dtype(dtype)
     # float32: the same sums, only the BatchNorm's arithmetic reordered;
     # bfloat16: the unfolded path rounds the conv output once more.
@@ -464,15 +476,9 @@ def test_scan_reading_block_at_inference_folds_norm_over_taps(dtype, channels, m
     products in one fused loop, no conv op left; the unfolded result."""
     block = blocks.ConvBlock(features=16, wgrad="native_bf16", dtype=dtype)
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, channels))
-    v = block.init(jax.random.key(1), x, train=False)
-    v = jax.tree.map(lambda a: a + 0.5 * jax.random.uniform(jax.random.key(a.size), a.shape), v)
-    apply = lambda v, x: block.apply(v, x, train=False)  # noqa: E731
-    text = jax.jit(apply).lower(v, x).as_text()
+    _, text, folded, plain = _folded_and_plain(block, x, "_folds_norm_over_taps", monkeypatch)
     assert "convolution" not in text
     assert re.findall(r"busi_conv_amx\w*", text) == ["busi_conv_amx_affine_relu"]
-    folded = jax.jit(apply)(v, x)
-    monkeypatch.setattr(blocks.ConvBlock, "_folds_norm_over_taps", lambda self, x, train: False)
-    plain = jax.jit(apply)(v, x)
     assert folded.dtype == plain.dtype == jnp.dtype(dtype)
     # bfloat16: the unfolded conv multiplies bf16-rounded scans and kernels.
     tol = 1e-5 if dtype == "float32" else 3e-2
