@@ -154,11 +154,25 @@ inline char* OutRow(void* y, const Geometry& g, int64_t b, int64_t h) {
   } while (0)
 
 // M rows of 16 float32 sums in scratch -> y row pixels w0.., channels o0..o0+15.
-BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t w, int64_t o0);
-
 BUSI_BF16 inline void StoreRows(const float* scratch, void* yrow, const Geometry& g, int64_t w0,
                                int64_t o0) {
-  for (int64_t m = 0; m < g.M; ++m) StoreVec(_mm512_load_ps(scratch + m * 16), yrow, g, w0 + m, o0);
+  __m512 scale = _mm512_set1_ps(1.0f), shift = _mm512_setzero_ps();
+  if (g.scale != nullptr) {
+    scale = _mm512_loadu_ps(g.scale + o0);
+    shift = _mm512_loadu_ps(g.shift + o0);
+  }
+  for (int64_t m = 0; m < g.M; ++m) {
+    __m512 v = _mm512_load_ps(scratch + m * 16);
+    if (g.scale != nullptr) v = _mm512_max_ps(_mm512_fmadd_ps(v, scale, shift), _mm512_setzero_ps());
+    if (g.y_bf16) {
+      __m256bh b = _mm512_cvtneps_pbh(v);
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + (w0 + m) * g.O + o0),
+          reinterpret_cast<__m256i&>(b));
+    } else {
+      _mm512_storeu_ps(static_cast<float*>(yrow) + (w0 + m) * g.O + o0, v);
+    }
+  }
 }
 
 template <int NP, int NO>
@@ -340,13 +354,12 @@ BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t 
     v = _mm512_max_ps(
         _mm512_fmadd_ps(v, _mm512_loadu_ps(g.scale + o0), _mm512_loadu_ps(g.shift + o0)),
         _mm512_setzero_ps());
-  const int64_t at = w * g.O + o0;
   if (g.y_bf16) {
     __m256bh b = _mm512_cvtneps_pbh(v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + at),
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + w * g.O + o0),
                         reinterpret_cast<__m256i&>(b));
   } else {
-    _mm512_storeu_ps(static_cast<float*>(yrow) + at, v);
+    _mm512_storeu_ps(static_cast<float*>(yrow) + w * g.O + o0, v);
   }
 }
 
@@ -453,9 +466,11 @@ BUSI_BF16 std::vector<uint16_t> PackKernel(const void* kernel, bool bf16, const 
 // lie (no padded copy): each task transforms a band of tile rows into
 // v[pos][tile][C] (~256 KB, L2), then runs the products and the output
 // transform for runs of tiles (small inputs: see ConvWinograd). Per layer
-// it ran 1.2-1.9x faster than the direct pass on an AMD EPYC, 8-128 px,
-// batch 1 and 16; busi_jax.models.conv uses it for the forward passes and
-// input gradients of 3x3 'SAME' convolutions (winograd_fits).
+// (every 3x3 conv of the width-16 U-Net++, 8-128 px) it ran 1.24-1.94x as
+// fast as the direct pass at batch 16 and 0.98-1.67x at batch 1 on an AMD
+// EPYC (python -m busi_jax.bench --winograd_layers); busi_jax.models.conv
+// uses it for the forward passes and input gradients of 3x3 'SAME'
+// convolutions (winograd_fits).
 
 // 16 bf16 values -> float32 (a bf16 is the top half of a float32).
 BUSI_BF16 inline __m512 Bf16ToF32(const uint16_t* p) {
@@ -694,7 +709,7 @@ BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& part
         PackWinogradKernel(kernel, kernel_bf16, g, t, t + 1, packed.data());
         return;
       }
-      const int64_t row = t - nob;  // Image row / tile_rows_total, tile row % it.
+      const int64_t row = t - nob;  // b * tile_rows_total + the image's tile row
       WinogradInput(parts, row / tile_rows_total, v.data() + row * nt * g.C, plane, g,
                     row % tile_rows_total, 1, nt);
     });
@@ -763,8 +778,6 @@ ffi::ErrorOr<std::vector<Part>> Parts(const std::vector<ffi::AnyBuffer>& xs) {
   return parts;
 }
 
-// The forward pass over the input parts xs (channels side by side); scale and
-// shift (float32 [O]) may be null: no epilogue.
 // The forward pass over the input parts xs (channels side by side); scale and
 // shift (float32 [O]) may be null: no epilogue.
 ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& xs,

@@ -87,7 +87,8 @@ def conv(
     otherwise ``wgrad_chunks > 1`` computes it in that many batch slices
     (:mod:`busi_jax.models.conv`). Outputs and parameters are the same.
     With the bf16 kernels, ``winograd`` runs the forward pass and input
-    gradient by Winograd F(2x2, 3x3) where it pays
+    gradient by Winograd F(2x2, 3x3) where
+    :func:`busi_jax.models.conv.winograd_fits`
     (:data:`busi_jax.models.conv.amx_winograd_conv_general_dilated`).
     """
     check_choice("wgrad", wgrad, WGRAD_MODES)
@@ -116,12 +117,12 @@ def conv(
 # Measured on 2 CPU cores, batch 16, 8 slices: 32 ch at 64x64 2.2x faster,
 # 64 ch at 32x32 2.4x, 128 ch at 16x16 1.1x; 16 ch at 128x128 2x slower.
 WGRAD_MIN_FEATURES = 32
+WGRAD_MAX_PIXELS = 64 * 64
 
 # Inference convolutions of at most this many input channels (the scan:
 # grayscale or RGB) run as nine shifted multiply-adds: see
 # ConvBlock._folds_norm_over_taps.
 TAPS_MAX_CHANNELS = 3
-WGRAD_MAX_PIXELS = 64 * 64
 
 
 def apply_norm(
@@ -381,10 +382,11 @@ class ConvBlock(nn.Module):
 
     def _folds_norm_over_taps(self, x: jax.Array | Sequence[jax.Array], train: bool) -> bool:
         # The same folding for a block reading the scan itself (1-3
-        # channels: too few for the bf16 kernels). XLA:CPU ran that 1 -> 16
-        # channel conv at ~5 GFLOP/s (0.6 ms of a 128-px U-Net++'s ~11 ms
-        # batch-1 inference); as nine shifted multiply-adds with the
-        # BatchNorm and ReLU it is one fused loop (0.09 ms).
+        # channels: too few for the bf16 kernels). XLA:CPU runs that 1 -> 16
+        # channel conv at ~5 GFLOP/s; as nine shifted multiply-adds with the
+        # BatchNorm and ReLU it is one fused loop: the width-16 U-Net++'s
+        # batch-1 inference 10.52 -> 10.03 ms (docs/BENCHMARKS.md,
+        # fourteenth session).
         return (
             not train
             and not isinstance(x, (list, tuple))

@@ -303,7 +303,7 @@ def amx_conv(
     elif len(parts) > 1:
         name = "conv_amx_concat_affine_relu"
         args = [kernel, scale.astype(jnp.float32), shift.astype(jnp.float32), *parts]
-    if len(parts) == 1 and scale is not None:
+    elif scale is not None:
         name = "conv_amx_affine_relu"
         args += [scale.astype(jnp.float32), shift.astype(jnp.float32)]
     call = jax.ffi.ffi_call(native.load(name), jax.ShapeDtypeStruct(shape, out_dtype))
@@ -459,9 +459,11 @@ def winograd_fits(height: int, width: int) -> bool:
     True on CPUs whose bf16 kernels use AVX-512 BF16 (AMX's tile products
     are fast enough that the transforms would not pay), for an even height
     and a width of a multiple of 8. Timed per layer on an AMD EPYC (2 cores,
-    bf16 in and out), Winograd ran 1.2-1.9x faster than the direct pass at
-    batch 16 and 1.2-1.7x at batch 1, from 8x8 to 128x128 px and 16 to 256
-    channels (docs/BENCHMARKS.md, fourteenth session).
+    bf16 in and out; every 3x3 conv shape of the width-16 U-Net++, 8x8 to
+    128x128 px, 16 to 256 channels), Winograd ran 1.24-1.94x as fast as the
+    direct pass at batch 16 and 0.98-1.67x at batch 1
+    (``python -m busi_jax.bench --winograd_layers``; docs/BENCHMARKS.md,
+    fourteenth session).
     """
     return (
         not amx_available()
