@@ -633,9 +633,11 @@ def _winograd_bound(x, w):
 @pytest.mark.parametrize(
     "batch,h,w,c,o",
     [
-        (1, 32, 32, 32, 16),  # 16-tile runs, one output block.
+        (1, 32, 32, 32, 16),  # Bands of tile rows; 16-tile runs, one output block.
+        (2, 34, 32, 16, 16),  # 17 tile rows: bands of 2-4, the last shorter; two images.
+        # Small inputs (all tiles transformed first, shared out by runs):
         (2, 10, 24, 48, 48),  # 5 tile rows; 12 tiles a row: runs of 8 and 4; blocks 2 + 1.
-        (1, 8, 8, 16, 32),  # One tile row pair, 4 tiles a row.
+        (1, 8, 8, 16, 32),  # 4 tiles a row.
         (3, 16, 16, 64, 128),
     ],
 )
