@@ -829,11 +829,13 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
   const std::vector<uint16_t> packed =
       PackKernel(k.untyped_data(), k.element_type() == ffi::DataType::BF16, g);
   // At least two tasks per participant, so a batch of one still uses every
-  // core; but a call of under ~16M multiply-adds (8-16 px layers at batch 1)
-  // finishes in tens of microseconds, about what waking a helper costs.
+  // core; but a call of under ~4M multiply-adds finishes in tens of
+  // microseconds, about what waking a helper costs. (At 16M, the batch-1
+  // U-Net++'s transposed convs, 8.4M each, ran on one core: ~7% of its
+  // inference.)
   const int64_t macs = batch * g.Ho * g.Wo * g.O * g.C * g.KH * g.KW;
   const int64_t participants =
-      macs < (int64_t{1} << 24) ? 1 : std::max<int64_t>(pool.num_threads(), 0) + 1;
+      macs < (int64_t{1} << 22) ? 1 : std::max<int64_t>(pool.num_threads(), 0) + 1;
   const int64_t want = std::max<int64_t>(1, (2 * participants + batch - 1) / batch);
   g.band = std::max<int64_t>(1, (g.Ho + want - 1) / want);
   // Tasks are (image, band of output rows), shared out by busi::ParallelFor
