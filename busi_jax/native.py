@@ -49,6 +49,7 @@ KERNELS = {
     ),
     "bn_relu_forward": ("batch_norm.cc", "BusiBnReluForward", "busi_bn_relu_forward"),
     "bn_relu_backward": ("batch_norm.cc", "BusiBnReluBackward", "busi_bn_relu_backward"),
+    "max_pool_backward": ("max_pool.cc", "BusiMaxPoolBackward", "busi_max_pool_backward"),
 }
 
 

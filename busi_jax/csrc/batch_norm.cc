@@ -31,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -38,24 +39,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using bf16 = uint16_t;
-
-inline float Load(const float* p) { return *p; }
-inline float Load(const bf16* p) {
-  const uint32_t u = uint32_t{*p} << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline void Store(float* p, float v) { *p = v; }
-// Round to nearest even, as XLA's convert; NaN stays NaN.
-inline void Store(bf16* p, float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  *p = nan ? bf16{0x7fc0} : bf16(u >> 16);
-}
+using busi::bf16;
+using busi::Load;
+using busi::Store;
 
 // How the rows [0, n) of an [n, c] array are cut. A block is `rows_per_block`
 // rows, `width` = c * rows_per_block values; per-channel coefficients are

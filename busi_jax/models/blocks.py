@@ -32,6 +32,7 @@ from busi_jax.models.conv import (
     winograd_fits,
 )
 from busi_jax.models.norm import BatchNormReLU
+from busi_jax.models.pool import max_pool2, skip_and_max_pool2  # noqa: F401 (re-exported)
 
 Dtype = Any
 
@@ -706,22 +707,6 @@ class UpSample(nn.Module):
         return conv(
             self.features, 3, use_bias=True, dtype=self.dtype, wgrad=self.wgrad, name="conv"
         )(x)
-
-
-def max_pool2(x: jax.Array) -> jax.Array:
-    """2x2 max pooling with stride 2: ``[B, H, W, C] -> [B, H//2, W//2, C]``.
-
-    The same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``, computed as
-    a max over a reshape: its gradient is then one fused elementwise pass
-    (``g * (x == max) / ties``), where reduce_window's gradient materialises
-    four int32 index arrays the size of ``x`` and a scatter (about a tenth of
-    a width-16 U-Net++ step on CPU, issue #9). The two differ only where a
-    window holds tied maxima: this splits the gradient among them,
-    reduce_window gives it to one.
-    """
-    b, h, w, c = x.shape
-    x = x[:, : h - h % 2, : w - w % 2]
-    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
 def check_divisible(x: jax.Array, depth: int) -> None:

@@ -6,8 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from busi_jax.models.blocks import PARAM_DTYPE, cam_point
+from busi_jax.models.blocks import cam_point
 from busi_jax.models.classifier import ClassHead
+from busi_jax.models.head import logit_head
 from busi_jax.models.unet import UNet
 
 
@@ -61,9 +62,7 @@ class MultiTaskUNet(UNet):
         bottom = cam_point(self, "bottleneck", bottom)
         y = self._decoder()(skips, bottom, train)
         y = cam_point(self, "decoder", y)
-        seg = nn.Conv(
-            self.out_channels, (1, 1), dtype=jnp.float32, param_dtype=PARAM_DTYPE, name="head"
-        )(y)
+        seg = logit_head(self.out_channels, y, name="head")
         cls = ClassHead(
             self.num_classes, self.cls_hidden, self.dropout, dtype=self.dtype, name="cls_head"
         )(bottom, train)

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 
 from busi_jax.models.blocks import (
     NORMS,
-    PARAM_DTYPE,
     SE_MODES,
     UPSAMPLE_MODES,
     WGRAD_MODES,
@@ -25,8 +24,9 @@ from busi_jax.models.blocks import (
     cam_point,
     check_choice,
     check_divisible,
-    max_pool2,
+    skip_and_max_pool2,
 )
+from busi_jax.models.head import logit_head
 
 Dtype = Any
 
@@ -98,8 +98,9 @@ class UNetEncoder(nn.Module):
         skips = []
         for i in range(self.depth):
             x = ConvBlock(self.features * 2**i, name=f"enc{i}", **kw)(x, train)
-            skips.append(x)
-            x = max_pool2(x)
+            # The models on the C++ conv kernels also pool through one.
+            skip, x = skip_and_max_pool2(x, use_kernel=self.wgrad != "xla")
+            skips.append(skip)
         width = self.features * 2**self.depth
         if self.dilated_bottleneck:
             x = DilatedBottleneck(width, dilations=tuple(self.dilations), name="bottleneck", **kw)(
@@ -286,10 +287,7 @@ class UNet(nn.Module):
         bottom = cam_point(self, "bottleneck", bottom)
         y = self._decoder()(skips, bottom, train)
         y = cam_point(self, "decoder", y)
-        logits = nn.Conv(
-            self.out_channels, (1, 1), dtype=jnp.float32, param_dtype=PARAM_DTYPE, name="head"
-        )(y)
-        return logits.astype(jnp.float32)
+        return logit_head(self.out_channels, y, name="head")
 
 
 class SUNet(UNet):

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 
 from busi_jax.models.blocks import (
-    PARAM_DTYPE,
     WGRAD_MODES,
     ConvBlock,
     DilatedBottleneck,
@@ -29,8 +28,9 @@ from busi_jax.models.blocks import (
     cam_point,
     check_choice,
     check_divisible,
-    max_pool2,
+    skip_and_max_pool2,
 )
+from busi_jax.models.head import logit_head
 from busi_jax.models.unet import _check_common
 
 Dtype = Any
@@ -175,7 +175,11 @@ class UNetPlusPlus(nn.Module):
         h = x
         for i in range(cols + 1):
             if i > 0:
-                h = max_pool2(nodes[(i - 1, 0)])
+                # The skip is rebound: its later uses' cotangents meet the pool's in
+                # one kernel pass on the models with C++ conv kernels.
+                nodes[(i - 1, 0)], h = skip_and_max_pool2(
+                    nodes[(i - 1, 0)], use_kernel=self.wgrad != "xla"
+                )
             width = self.features * 2**i
             if i == depth and self.dilated_bottleneck:
                 block = DilatedBottleneck(
@@ -200,10 +204,7 @@ class UNetPlusPlus(nn.Module):
         nodes[(0, cols)] = cam_point(self, "decoder", nodes[(0, cols)])
 
         def head(j: int, name: str) -> jax.Array:
-            y = nn.Conv(
-                self.out_channels, (1, 1), dtype=jnp.float32, param_dtype=PARAM_DTYPE, name=name
-            )(nodes[(0, j)])
-            return y.astype(jnp.float32)
+            return logit_head(self.out_channels, nodes[(0, j)], name=name)
 
         if not self.deep_supervision:
             return head(depth, "head")
