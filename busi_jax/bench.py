@@ -1237,19 +1237,23 @@ def time_winograd_layers(
 ) -> list[dict]:
     """Times one bf16 3x3 'SAME' convolution, direct against Winograd F(2x2, 3x3).
 
-    bf16 input, float32 kernel, bf16 output, the AVX-512 BF16 kernels
-    (:func:`busi_jax.models.conv.amx_conv`). The two run alternately,
-    ``rounds`` times ``reps`` calls each, in this process, so machine drift
-    hits both; each time is the fastest call.
+    Two passes per shape: the forward pass (bf16 input, float32 kernel, bf16
+    output; :func:`busi_jax.models.conv.amx_conv`) and the weight gradient
+    (bf16 input and output gradient, float32 result;
+    :func:`busi_jax.models.conv.amx_weight_gradient`), on the AVX-512 BF16
+    kernels. Direct and Winograd run alternately, ``rounds`` times ``reps``
+    calls each, in this process, so machine drift hits both; each time is
+    the fastest call.
 
     Returns:
-      One dict per shape: ``side``, ``c_in``, ``c_out``, ``direct_ms``,
-      ``winograd_ms``, ``direct_gflops`` (of the direct pass's 2 * 9 * C_in *
-      C_out products per pixel, for both), ``winograd_gflops``, ``speedup``
-      (direct / Winograd time) and the largest absolute difference of each
-      from XLA's exact convolution of the same bf16-rounded operands,
-      relative to that output's largest magnitude (``direct_rel_err``,
-      ``winograd_rel_err``).
+      One dict per shape: ``side``, ``c_in``, ``c_out``; for the forward
+      pass ``direct_ms``, ``winograd_ms``, ``direct_gflops`` (of the direct
+      pass's 2 * 9 * C_in * C_out products per pixel, for both),
+      ``winograd_gflops``, ``speedup`` (direct / Winograd time) and the
+      largest absolute difference of each from XLA's exact result for the
+      same bf16-rounded operands, relative to that result's largest
+      magnitude (``direct_rel_err``, ``winograd_rel_err``); the same keys
+      prefixed ``wgrad_`` for the weight gradient.
 
     Raises:
       RuntimeError: this CPU does not run the Winograd path (AMX, or no
@@ -1259,65 +1263,80 @@ def time_winograd_layers(
     import jax.numpy as jnp
     from jax import lax
 
-    from busi_jax.models.conv import amx_conv, winograd_fits
+    from busi_jax.models.conv import amx_conv, amx_weight_gradient, winograd_fits
 
     if not winograd_fits(8, 8):
         raise RuntimeError("Winograd runs on CPUs with AVX-512 BF16 and without AMX only")
     dn = ("NHWC", "HWIO", "NHWC")
+    pads = ((1, 1), (1, 1))
     rows = []
     for side, c_in, c_out in shapes:
-        kx, kw = jax.random.split(jax.random.key(side * 1000 + c_in))
+        kx, kw, kg = jax.random.split(jax.random.key(side * 1000 + c_in), 3)
         x = jax.random.normal(kx, (batch, side, side, c_in)).astype(jnp.bfloat16)
         w = jax.random.normal(kw, (3, 3, c_in, c_out)) / (3.0 * c_in**0.5)
-        fns = {
-            name: jax.jit(
-                lambda x, w, wino=wino: amx_conv(
-                    x, w, (1, 1), (1, 1), (side, side), out_dtype=jnp.bfloat16, winograd=wino
-                )
+        dy = jax.random.normal(kg, (batch, side, side, c_out)).astype(jnp.bfloat16)
+
+        def exact_conv(x, w):
+            return lax.conv_general_dilated(
+                x, w, (1, 1), "SAME", dimension_numbers=dn, precision="highest"
             )
-            for name, wino in (("direct", False), ("winograd", True))
+
+        x32 = x.astype(jnp.float32)
+        exact = {
+            "": exact_conv(x32, w.astype(jnp.bfloat16).astype(jnp.float32)),
+            "wgrad_": jax.vjp(lambda w: exact_conv(x32, w), w)[1](dy.astype(jnp.float32))[0],
         }
-        out = {k: jax.block_until_ready(f(x, w)) for k, f in fns.items()}
-        best = dict.fromkeys(fns, math.inf)
-        for _ in range(rounds):
-            for k, f in fns.items():
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(f(x, w))
-                    best[k] = min(best[k], time.perf_counter() - t0)
-        exact = lax.conv_general_dilated(
-            x.astype(jnp.float32),
-            w.astype(jnp.bfloat16).astype(jnp.float32),
-            (1, 1),
-            "SAME",
-            dimension_numbers=dn,
-            precision="highest",
-        )
-        scale = float(jnp.max(jnp.abs(exact)))
+        passes = {
+            "": lambda wino: jax.jit(
+                lambda a, k, g: amx_conv(
+                    a, k, (1, 1), (1, 1), (side, side), out_dtype=jnp.bfloat16, winograd=wino
+                )
+            ),
+            "wgrad_": lambda wino: jax.jit(
+                lambda a, k, g: amx_weight_gradient(a, g, k.shape, (1, 1), pads, winograd=wino)
+            ),
+        }
         flop = 2.0 * batch * side * side * c_in * c_out * 9
         row = dict(side=side, c_in=c_in, c_out=c_out)
-        for k in fns:
-            row[f"{k}_ms"] = best[k] * 1e3
-            row[f"{k}_gflops"] = flop / best[k] / 1e9
-            err = jnp.max(jnp.abs(out[k].astype(jnp.float32) - exact))
-            row[f"{k}_rel_err"] = float(err) / scale
-        row["speedup"] = best["direct"] / best["winograd"]
+        for prefix, make in passes.items():
+            fns = {name: make(wino) for name, wino in (("direct", False), ("winograd", True))}
+            out = {k: jax.block_until_ready(f(x, w, dy)) for k, f in fns.items()}
+            best = dict.fromkeys(fns, math.inf)
+            for _ in range(rounds):
+                for k, f in fns.items():
+                    for _ in range(reps):
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(f(x, w, dy))
+                        best[k] = min(best[k], time.perf_counter() - t0)
+            scale = float(jnp.max(jnp.abs(exact[prefix])))
+            for k in fns:
+                row[f"{prefix}{k}_ms"] = best[k] * 1e3
+                row[f"{prefix}{k}_gflops"] = flop / best[k] / 1e9
+                err = jnp.max(jnp.abs(out[k].astype(jnp.float32) - exact[prefix]))
+                row[f"{prefix}{k}_rel_err"] = float(err) / scale
+            row[f"{prefix}speedup"] = best["direct"] / best["winograd"]
         rows.append(row)
     return rows
 
 
 def format_winograd_layers(rows: Sequence[dict]) -> str:
-    """The per-layer direct / Winograd rows as a text table."""
-    lines = [
-        f"{'side':>4} {'C_in':>5} {'C_out':>5} {'direct ms':>9} {'Wino ms':>8}"
-        f" {'direct GF/s':>11} {'Wino GF/s*':>10} {'speedup':>8} {'direct err':>10} {'Wino err':>9}"
-    ]
-    for r in rows:
+    """The per-layer direct / Winograd rows as a text table (forward, then weight gradient)."""
+    lines = []
+    for prefix, title in (("", "forward pass"), ("wgrad_", "weight gradient")):
+        lines.append(title)
         lines.append(
-            f"{r['side']:>4} {r['c_in']:>5} {r['c_out']:>5} {r['direct_ms']:9.3f}"
-            f" {r['winograd_ms']:8.3f} {r['direct_gflops']:11.0f} {r['winograd_gflops']:10.0f}"
-            f" {r['speedup']:7.2f}x {r['direct_rel_err']:10.1e} {r['winograd_rel_err']:9.1e}"
+            f"{'side':>4} {'C_in':>5} {'C_out':>5} {'direct ms':>9} {'Wino ms':>8}"
+            f" {'direct GF/s':>11} {'Wino GF/s*':>10} {'speedup':>8} {'direct err':>10}"
+            f" {'Wino err':>9}"
         )
+        for r in rows:
+            p = prefix
+            lines.append(
+                f"{r['side']:>4} {r['c_in']:>5} {r['c_out']:>5} {r[p + 'direct_ms']:9.3f}"
+                f" {r[p + 'winograd_ms']:8.3f} {r[p + 'direct_gflops']:11.0f}"
+                f" {r[p + 'winograd_gflops']:10.0f} {r[p + 'speedup']:7.2f}x"
+                f" {r[p + 'direct_rel_err']:10.1e} {r[p + 'winograd_rel_err']:9.1e}"
+            )
     lines.append("* the direct pass's product count over Winograd's time")
     return "\n".join(lines)
 
@@ -1572,7 +1591,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--winograd_layers",
         action="store_true",
         help="instead: time each bf16 3x3 conv shape of the width-16 U-Net++ at --batch, the"
-        " direct pass against Winograd (AVX-512 BF16 CPUs without AMX)",
+        " direct pass against Winograd, forward and weight gradient (AVX-512 BF16 CPUs"
+        " without AMX)",
     )
     p.add_argument(
         "--wgrad_layers",

@@ -36,8 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Conv kernels: 'xla', 'native' (C++ weight grad; g++), 'native_bf16' (+bf16 fwd/bwd
     # on AMX or AVX-512 BF16), 'native_amx' (the same, AMX only).
     config.model.wgrad = "xla"
-    # With the bf16 kernels on AVX-512 BF16 (no AMX): 3x3 convs' forward and input gradient
-    # by Winograd F(2x2, 3x3) (faster; results within bf16 rounding of the direct pass).
+    # With the bf16 kernels on AVX-512 BF16 (no AMX): 3x3 convs' forward pass and both
+    # gradients by Winograd F(2x2, 3x3) (faster; within bf16 rounding of the direct pass).
     config.model.winograd = True
 
     config.loss = "dice"  # 'dice' (paper) | 'dice_bce' | 'bce'.

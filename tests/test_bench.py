@@ -211,13 +211,16 @@ def test_winograd_on_and_off_rows(tmp_path):
     not bench._winograd_runs("native_bf16", True), reason="Winograd runs on AVX-512 BF16 only"
 )
 def test_winograd_layers_mode(tmp_path):
-    """--winograd_layers times the direct pass and Winograd per shape; both near exact."""
+    """--winograd_layers times direct and Winograd per shape, forward and weight gradient;
+    all near exact."""
     shapes = ((16, 16, 16), (8, 32, 48))
     rows, text = _layer_rows(tmp_path, "--winograd_layers", "WINOGRAD_LAYER_SHAPES", shapes)
     for r in rows:
-        assert r["direct_ms"] > 0 and r["winograd_ms"] > 0 and r["speedup"] > 0
-        assert r["direct_rel_err"] < 1e-2 and r["winograd_rel_err"] < 2e-2
-    assert "Wino ms" in text
+        for p in ("", "wgrad_"):  # The forward pass, then the weight gradient.
+            assert r[p + "direct_ms"] > 0 and r[p + "winograd_ms"] > 0 and r[p + "speedup"] > 0
+            assert r[p + "direct_rel_err"] < 1e-2 and r[p + "winograd_rel_err"] < 2e-2
+        assert r["wgrad_direct_rel_err"] < 1e-5  # Exact products, float32 sums.
+    assert "Wino ms" in text and "weight gradient" in text
 
 
 def _layer_rows(tmp_path, mode, shapes_name, shapes):

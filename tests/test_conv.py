@@ -706,10 +706,66 @@ def test_winograd_is_chosen_on_avx512_bf16_for_even_heights(monkeypatch):
     assert not fits(128, 128)
 
 
+def _exact_weight_gradient(x, dy, c, o):
+    """XLA's weight gradient of a 3x3 'SAME' conv, float32 products at full precision."""
+    return jax.vjp(lambda k: _exact_conv(x, k, ((1, 1), (1, 1)), 1), jnp.zeros((3, 3, c, o)))[1](
+        dy
+    )[0]
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+@pytest.mark.parametrize(
+    "batch,h,w,parts,o",
+    [
+        (2, 32, 32, (16,), 16),  # One band a 32-px image; 16-output blocks (NO = 1).
+        (1, 130, 128, (16, 16), 16),  # 65 tile rows: bands of 2, the last shorter; two parts.
+        (3, 16, 16, (64,), 96),  # Output blocks 3 + 3 (NO = 3); images summed by chunks.
+        (2, 8, 8, (32, 16), 32),  # 8 px: one band an image; NO = 2.
+    ],
+)
+def test_winograd_weight_gradient_is_the_exact_one_within_bf16_roundings(batch, h, w, parts, o):
+    """Against XLA's exact weight gradient of the same bf16 values: every tap, channel and
+    output within the bound of one bf16 rounding of each transform, and not the direct
+    pass's bits (so the Winograd path did run)."""
+    keys = jax.random.split(jax.random.key(h * o + len(parts)), len(parts) + 1)
+    xs = [
+        jax.random.normal(kk, (batch, h, w, c)).astype(jnp.bfloat16)
+        for kk, c in zip(keys[:-1], parts)
+    ]
+    dy = jax.random.normal(keys[-1], (batch, h, w, o)).astype(jnp.bfloat16)
+    x = jnp.concatenate(xs, axis=-1).astype(jnp.float32)
+    c = x.shape[-1]
+    args = ((3, 3, c, o), (1, 1), ((1, 1), (1, 1)))
+    wino = conv_lib.amx_weight_gradient(xs, dy, *args, winograd=True)
+    direct = conv_lib.amx_weight_gradient(xs, dy, *args)
+    exact = _exact_weight_gradient(x, dy.astype(jnp.float32), c, o)
+    # Each transform holds sums of up to four values (B^T d B, A dY A^T), rounded to bf16
+    # once: 2^-8 of the products' magnitudes, spread by G^T . G (weights <= 1).
+    bound = 2.0**-6 * _exact_weight_gradient(jnp.abs(x), jnp.abs(dy.astype(jnp.float32)), c, o)
+    err = np.abs(np.asarray(wino) - np.asarray(exact))
+    assert np.all(err <= np.asarray(bound) + 1e-5), (err / np.asarray(bound)).max()
+    # The direct pass: exact products, float32 sums in another order.
+    np.testing.assert_allclose(direct, exact, atol=1e-5 * float(np.abs(exact).max()))
+    assert not np.array_equal(np.asarray(wino), np.asarray(direct))
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_weight_gradient_refuses_what_it_cannot_compute():
+    """Called directly with dilation 2: one error naming what Winograd needs."""
+    call = jax.ffi.ffi_call(
+        native.load("conv_amx_wgrad"), jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32)
+    )
+    x = jnp.ones((1, 16, 16, 16))
+    with pytest.raises(Exception, match="busi_conv_amx_wgrad: winograd=1 needs"):
+        jax.block_until_ready(call(x, x, dil_h=2, dil_w=2, pad_h=2, pad_w=2, unit=1, winograd=1))
+
+
 @needs_avx512_bf16
 @pytest.mark.usefixtures("avx512_unit")
 def test_winograd_gradient_is_the_vjp_within_bf16_roundings():
-    """conv_parts(winograd=True): input gradient by Winograd too, weight gradient direct."""
+    """conv_parts(winograd=True): input and weight gradients by Winograd too."""
     keys = jax.random.split(jax.random.key(3), 3)
     x = _bf16(jax.random.normal(keys[0], (2, 32, 32, 32)))
     k = _bf16(jax.random.normal(keys[1], (3, 3, 32, 32)) / 17)
@@ -723,13 +779,15 @@ def test_winograd_gradient_is_the_vjp_within_bf16_roundings():
     text = jax.jit(lambda x, k: conv_lib.conv_parts([x], k, winograd=True)).lower(x, k).as_text()
     assert "winograd = 1" in text
     gx, gk = grads(lambda x, k: conv_lib.conv_parts([x], k, winograd=True))
-    ex, _ = grads(lambda x, k: _exact_conv(x, k, pads, 1))
+    ex, ek = grads(lambda x, k: _exact_conv(x, k, pads, 1))
     bound = 2.0**-7 * _exact_conv(
         jnp.abs(dy), jnp.abs(jnp.flip(k, (0, 1)).transpose(0, 1, 3, 2)), pads, 1
     )
     assert np.all(np.abs(np.asarray(gx) - np.asarray(ex)) <= bound + 1e-6)
+    k_bound = 2.0**-6 * _exact_weight_gradient(jnp.abs(x), jnp.abs(dy), 32, 32)
+    assert np.all(np.abs(np.asarray(gk) - np.asarray(ek)) <= k_bound + 1e-5)
     direct_gk = grads(lambda x, k: conv_lib.conv_parts([x], k))[1]
-    np.testing.assert_array_equal(gk, direct_gk)  # The weight gradient is untouched.
+    assert not np.array_equal(np.asarray(gk), np.asarray(direct_gk))
 
 
 @needs_avx512_bf16

@@ -309,7 +309,7 @@ class ConvBlock(nn.Module):
         input gradient: see :func:`conv`); any but 'xla' overrides
         ``wgrad_chunks``.
       winograd: with the bf16 kernels on AVX-512 BF16 (no AMX), the 3x3
-        convolutions' forward passes and input gradients by Winograd
+        convolutions' forward passes, input and weight gradients by Winograd
         F(2x2, 3x3) (:func:`busi_jax.models.conv.winograd_fits`,
         :func:`busi_jax.models.conv.amx_conv`); False: the direct pass.
     """

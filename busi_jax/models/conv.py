@@ -202,6 +202,8 @@ def amx_weight_gradient(
     kernel_shape: tuple[int, ...],
     dilation,
     pads,
+    *,
+    winograd: bool = False,
 ) -> jax.Array:
     """:func:`native_weight_gradient` on AMX tiles: bf16 products, float32 sums.
 
@@ -209,15 +211,22 @@ def amx_weight_gradient(
     in); needs ``C`` and ``O`` multiples of 16 and ``Wo`` a multiple of 8.
     ``x`` may be a sequence of ``[B, H, W, C_k]`` parts, taken as their
     concatenation along channels without writing it out (as in :func:`amx_conv`).
+    ``winograd``: by Winograd F(2x2, 3x3) (2.25x fewer products; the input
+    and output-gradient transforms rounded once to bf16, ``G^T M G`` in
+    float32) where the conv allows it, as in :func:`amx_conv`.
     """
     parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
+    out_hw = _out_hw(parts[0].shape[1:3], kernel_shape[:2], dilation, pads)
+    attrs = {
+        "unit": bf16_unit(),
+        "winograd": int(_winograd_applies(winograd, out_hw, kernel_shape, dilation, pads)),
+    }
     if len(parts) > 1:
         operands = [_amx_io(dy), *parts]
-        return _wgrad_call(
-            "conv_amx_concat_wgrad", operands, kernel_shape, dilation, pads, unit=bf16_unit()
-        )
-    operands = [parts[0], _amx_io(dy)]
-    return _wgrad_call("conv_amx_wgrad", operands, kernel_shape, dilation, pads, unit=bf16_unit())
+        return _wgrad_call("conv_amx_concat_wgrad", operands, kernel_shape, dilation, pads, **attrs)
+    return _wgrad_call(
+        "conv_amx_wgrad", [parts[0], _amx_io(dy)], kernel_shape, dilation, pads, **attrs
+    )
 
 
 def _amx_io(a: jax.Array) -> jax.Array:
@@ -374,10 +383,10 @@ def conv_parts(
       dilation: ``(dh, dw)``.
       pads: ``((lo_h, hi_h), (lo_w, hi_w))`` zero padding; the output width
         must be a multiple of 8.
-      winograd: forward pass and input gradient by Winograd F(2x2, 3x3)
-        where the conv allows it (3x3, dilation 1, padding 1;
-        :func:`winograd_fits`; see :func:`amx_conv`); the weight gradient
-        stays direct.
+      winograd: all three passes (forward, input and weight gradients) by
+        Winograd F(2x2, 3x3) where the conv allows it (3x3, dilation 1,
+        padding 1; :func:`winograd_fits`; see :func:`amx_conv` and
+        :func:`amx_weight_gradient`).
 
     Returns:
       ``[B, Ho, Wo, O]`` in the parts' and kernel's result dtype.
@@ -411,7 +420,7 @@ def _conv_parts_bwd(static, res, g):
     for p in parts:
         d_parts.append(d_x[..., start : start + p.shape[-1]].astype(p.dtype))
         start += p.shape[-1]
-    d_kernel = amx_weight_gradient(list(parts), g, kernel.shape, dilation, pads)
+    d_kernel = amx_weight_gradient(list(parts), g, kernel.shape, dilation, pads, winograd=winograd)
     return tuple(d_parts), d_kernel.astype(kernel.dtype)
 
 
@@ -587,8 +596,8 @@ sums); otherwise it behaves as :data:`native_wgrad_conv`.
 amx_winograd_conv_general_dilated = _replacement(_amx_rule, winograd=True)
 amx_winograd_conv_general_dilated.__doc__ = """:data:`amx_conv_general_dilated` with ``winograd=True``.
 
-Its 3x3 'SAME' convolutions' forward passes and input gradients run by
-Winograd F(2x2, 3x3) where :func:`winograd_fits` (AVX-512 BF16 CPUs
-only); the weight gradient, and every other convolution, as
+Its 3x3 'SAME' convolutions' forward passes, input gradients and weight
+gradients run by Winograd F(2x2, 3x3) where :func:`winograd_fits`
+(AVX-512 BF16 CPUs only); every other convolution as
 :data:`amx_conv_general_dilated`.
 """

@@ -211,7 +211,7 @@ class UNet(nn.Module):
         C++ kernel (:mod:`busi_jax.models.conv`; built on first use, needs a
         C++ compiler); a speed setting like ``wgrad_chunks``.
       winograd: with the bf16 kernels on AVX-512 BF16 (no AMX), the 3x3
-        convolutions' forward passes and input gradients by Winograd
+        convolutions' forward passes, input and weight gradients by Winograd
         F(2x2, 3x3) (:func:`busi_jax.models.conv.winograd_fits`; 2.25x fewer
         products; results differ from the direct pass by bf16 roundings);
         False keeps the direct pass. A speed setting.
