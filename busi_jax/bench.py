@@ -1284,16 +1284,18 @@ def time_winograd_layers(
         x32 = x.astype(jnp.float32)
         exact = {
             "": exact_conv(x32, w.astype(jnp.bfloat16).astype(jnp.float32)),
-            "wgrad_": jax.vjp(lambda w: exact_conv(x32, w), w)[1](dy.astype(jnp.float32))[0],
+            "wgrad_": jax.vjp(functools.partial(exact_conv, x32), w)[1](dy.astype(jnp.float32))[0],
         }
         passes = {
-            "": lambda wino: jax.jit(
-                lambda a, k, g: amx_conv(
-                    a, k, (1, 1), (1, 1), (side, side), out_dtype=jnp.bfloat16, winograd=wino
+            "": lambda wino, hw=(side, side): jax.jit(
+                lambda a, kern, g: amx_conv(
+                    a, kern, (1, 1), (1, 1), hw, out_dtype=jnp.bfloat16, winograd=wino
                 )
             ),
             "wgrad_": lambda wino: jax.jit(
-                lambda a, k, g: amx_weight_gradient(a, g, k.shape, (1, 1), pads, winograd=wino)
+                lambda a, kern, g: amx_weight_gradient(
+                    a, g, kern.shape, (1, 1), pads, winograd=wino
+                )
             ),
         }
         flop = 2.0 * batch * side * side * c_in * c_out * 9
