@@ -1382,8 +1382,10 @@ def profile_step(
 
     The trace (TensorBoard / Perfetto format) stays in ``trace_dir``. Op names
     are grouped by their stem (``ynn_fusion.12`` -> ``ynn_fusion``), so e.g. all
-    convolutions XLA hands to YNNPACK, all C++ kernel calls (``ffi_call``) and
-    all base-dilated (transposed) convolutions add up.
+    convolutions XLA hands to YNNPACK and all base-dilated (transposed)
+    convolutions add up; C++ kernel calls by their target, with
+    ``/winograd`` where the call takes the Winograd path
+    (``ffi:busi_conv_amx_wgrad/winograd``).
 
     Returns:
       ``{"step_ms": wall time per step, "ops": [{"op", "ms_per_step", "count"}...]}``
@@ -1412,6 +1414,7 @@ def profile_step(
         raise RuntimeError(f"{trace_dir}: jax.profiler wrote no *.trace.json.gz")
     with gzip.open(traces[-1]) as f:
         events = json.load(f)["traceEvents"]
+    kernels = _custom_call_targets(step.as_text())
     total, count = collections.Counter(), collections.Counter()
     for e in events:
         name = e.get("name", "")
@@ -1419,6 +1422,7 @@ def profile_step(
         if e.get("ph") != "X" or name.startswith(("ThunkExecutor", "$", "SlinkyThreadPool")):
             continue
         stem = name.rsplit(".", 1)[0] if name.rsplit(".", 1)[-1].isdigit() else name
+        stem = kernels.get(name, stem)
         total[stem] += e.get("dur", 0)
         count[stem] += 1
     ops = [
@@ -1426,6 +1430,19 @@ def profile_step(
         for k, v in total.most_common()
     ]
     return {"step_ms": step_ms, "ops": ops}
+
+
+def _custom_call_targets(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> ``ffi:TARGET`` (plus ``/winograd``) for a compiled module's custom calls."""
+    import re
+
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*%?([\w.\-]+) = .*custom_call_target=\"([^\"]+)\"", line)
+        if m:
+            wino = "/winograd" if re.search(r"winograd = 1\b", line) else ""
+            out[m.group(1)] = f"ffi:{m.group(2)}{wino}"
+    return out
 
 
 def _jax_layout(wgrad: str, wgrad_chunks: int, winograd: bool = False) -> str:
@@ -1606,7 +1623,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="DIR",
         help="instead: trace the first --models/--widths/--jax_wgrad step into DIR and print"
-        " time per kind of XLA op",
+        " time per kind of XLA op (C++ kernels by target)",
+    )
+    p.add_argument(
+        "--profile_precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="--profile's activations: fp32, or bf16 (the bf16 kernels' training setting)",
     )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument(
@@ -1663,13 +1686,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             model,
             width,
             args.profile,
+            precision=args.profile_precision,
             wgrad=wgrad,
             batch=args.batch,
             image_size=args.image_size,
             depth=args.depth,
             steps=args.steps or 2,
         )
-        print(f"{model} w{width} wgrad={wgrad}: {prof['step_ms']:.0f} ms per step (traced)")
+        print(
+            f"{model} w{width} {args.profile_precision} wgrad={wgrad}:"
+            f" {prof['step_ms']:.0f} ms per step (traced)"
+        )
         for op in prof["ops"][:25]:
             print(f"{op['ms_per_step']:9.1f} ms/step  x{op['count']:<4} {op['op']}")
         if args.output:
