@@ -718,10 +718,10 @@ def _exact_weight_gradient(x, dy, c, o):
 @pytest.mark.parametrize(
     "batch,h,w,parts,o",
     [
-        (2, 32, 32, (16,), 16),  # One band a 32-px image; 16-output blocks (NO = 1).
-        (1, 130, 128, (16, 16), 16),  # 65 tile rows: bands of 2, the last shorter; two parts.
-        (3, 16, 16, (64,), 96),  # Output blocks 3 + 3 (NO = 3); images summed by chunks.
-        (2, 8, 8, (32, 16), 32),  # 8 px: one band an image; NO = 2.
+        (2, 32, 32, (16,), 32),  # One band a 32-px image; two output blocks (NO = 2).
+        (1, 130, 128, (16, 16), 32),  # 65 tile rows: bands of 2, the last shorter; two parts.
+        (3, 16, 16, (64,), 80),  # Output blocks 3 + 2 (NO = 3, 2); images summed by chunks.
+        (2, 8, 8, (32, 16), 48),  # 8 px: one band an image; NO = 3.
     ],
 )
 def test_winograd_weight_gradient_is_the_exact_one_within_bf16_roundings(batch, h, w, parts, o):
@@ -748,6 +748,19 @@ def test_winograd_weight_gradient_is_the_exact_one_within_bf16_roundings(batch, 
     # The direct pass: exact products, float32 sums in another order.
     np.testing.assert_allclose(direct, exact, atol=1e-5 * float(np.abs(exact).max()))
     assert not np.array_equal(np.asarray(wino), np.asarray(direct))
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
+def test_winograd_weight_gradient_keeps_sixteen_outputs_direct():
+    """With one 16-output block Winograd is no faster: those stay the direct pass's bits."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 32)).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(1), (2, 16, 16, 16)).astype(jnp.bfloat16)
+    args = ((3, 3, 32, 16), (1, 1), ((1, 1), (1, 1)))
+    np.testing.assert_array_equal(
+        conv_lib.amx_weight_gradient(x, dy, *args, winograd=True),
+        conv_lib.amx_weight_gradient(x, dy, *args),
+    )
 
 
 @needs_avx512_bf16

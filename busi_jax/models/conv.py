@@ -213,14 +213,19 @@ def amx_weight_gradient(
     concatenation along channels without writing it out (as in :func:`amx_conv`).
     ``winograd``: by Winograd F(2x2, 3x3) (2.25x fewer products; the input
     and output-gradient transforms rounded once to bf16, ``G^T M G`` in
-    float32) where the conv allows it, as in :func:`amx_conv`.
+    float32) where the conv allows it, as in :func:`amx_conv`, and has
+    more than 16 outputs (with 16 it is no faster).
     """
     parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
     out_hw = _out_hw(parts[0].shape[1:3], kernel_shape[:2], dilation, pads)
-    attrs = {
-        "unit": bf16_unit(),
-        "winograd": int(_winograd_applies(winograd, out_hw, kernel_shape, dilation, pads)),
-    }
+    # With one 16-output block the Winograd products load a broadcast per
+    # multiply-add, and the transforms do not pay: 0.86-1.06x the direct pass
+    # (16 outputs at 64 and 128 px) against 1.3-1.9x from 32 outputs up
+    # (python -m busi_jax.bench --winograd_layers; docs/BENCHMARKS.md).
+    wino = kernel_shape[3] > AMX_CHANNELS and _winograd_applies(
+        winograd, out_hw, kernel_shape, dilation, pads
+    )
+    attrs = {"unit": bf16_unit(), "winograd": int(wino)}
     if len(parts) > 1:
         operands = [_amx_io(dy), *parts]
         return _wgrad_call("conv_amx_concat_wgrad", operands, kernel_shape, dilation, pads, **attrs)
