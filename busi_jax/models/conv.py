@@ -219,9 +219,9 @@ def amx_weight_gradient(
     parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
     out_hw = _out_hw(parts[0].shape[1:3], kernel_shape[:2], dilation, pads)
     # With one 16-output block the Winograd products load a broadcast per
-    # multiply-add, and the transforms do not pay: 0.86-1.06x the direct pass
-    # (16 outputs at 64 and 128 px) against 1.08-1.91x from 32 outputs up
-    # (python -m busi_jax.bench --winograd_layers; docs/BENCHMARKS.md).
+    # multiply-add, and the transforms do not pay: 0.97-1.06x the direct pass
+    # (the width-16 U-Net++'s 16-output layers) against 1.08-1.91x from 32
+    # outputs up (python -m busi_jax.bench --winograd_layers; docs/BENCHMARKS.md).
     wino = kernel_shape[3] > AMX_CHANNELS and _winograd_applies(
         winograd, out_hw, kernel_shape, dilation, pads
     )
