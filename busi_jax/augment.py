@@ -525,11 +525,11 @@ def _pixel_normal(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Standard normal float32 samples, one per pixel, from a threefry key derived from ``key``.
 
     The training loop's keys are 'rbg' keys (``train.PRNG_IMPL``), whose
-    normal samples XLA:CPU draws in one serial loop: a per-pixel speckle
-    field of a 16-scan batch took 4.7-6.7 ms of a ~290 ms width-16 U-Net
-    train step on 2 cores (profile, docs/BENCHMARKS.md) and 2.8-3.5 ms on
-    its own, against 1.5 ms from threefry, whose bits are elementwise ops
-    XLA splits across cores. Deterministic in ``key`` like any draw.
+    normal samples XLA:CPU draws in one serial loop; threefry's bits are
+    elementwise ops XLA splits across the cores (~3 ms of the width-16
+    U-Net++'s bf16 train step on 2 cores in an in-process A/B,
+    docs/BENCHMARKS.md, fifteenth session). Deterministic in ``key`` like
+    any draw.
     """
     seed = jax.random.bits(key, (2,), jnp.uint32)
     return jax.random.normal(jax.random.wrap_key_data(seed, impl="threefry2x32"), shape)

@@ -9,8 +9,9 @@
 // as the gradient of jnp.max does (busi_jax.models.blocks.max_pool2). All
 // four arrays share one dtype, float32 or bfloat16; the sum is float32,
 // rounded once. Why a kernel: XLA:CPU ran this pass on bf16 activations as a
-// fused loop at ~1 GB/s, and the addition of the skip gradient as another
-// (~15 ms of a ~300 ms width-16 U-Net bf16 train step; docs/BENCHMARKS.md).
+// slow fused loop, and the addition of the skip gradient as another (12 ms
+// of the width-16 U-Net's bf16 train step, 8 ms of the U-Net++'s, in the
+// in-process A/B of docs/BENCHMARKS.md, fifteenth session).
 // Tasks are fixed runs of pooled rows (parallel.h); no sums cross tasks, so
 // the result does not depend on the threads. busi_jax/native.py builds it.
 

@@ -3,10 +3,10 @@
 Every segmenter ends in a 1x1 convolution to float32 logits. ``nn.Conv`` in
 float32 on bfloat16 features first writes a float32 copy of the whole
 ``[B, H, W, C]`` feature map and, in the backward pass, another for the
-weight gradient, then converts the input gradient back: about 12 ms of a
-~300 ms width-16 U-Net bf16 train step on 2 CPU cores (profile of
-``busi_jax.bench``'s step, docs/BENCHMARKS.md), where the head does 0.1% of
-the step's multiply-adds. For bfloat16 features :func:`logit_head` computes
+weight gradient, then converts the input gradient back, where the head does
+0.1% of the step's multiply-adds (worth ~4 ms of the width-16 U-Net++'s
+~650 ms bf16 train step on 2 CPU cores in an in-process A/B,
+docs/BENCHMARKS.md, fifteenth session). For bfloat16 features :func:`logit_head` computes
 the same function from the bf16 features directly (float32 sums, the kernel
 split into two bf16 halves so the logits keep float32's precision);
 float32 features keep ``nn.Conv`` exactly. Both create ``nn.Conv``'s

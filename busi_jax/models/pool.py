@@ -4,10 +4,9 @@ In a U-Net the encoder's output at each level goes two ways: to the decoder
 as a skip connection and, max-pooled, to the next level. In a train step
 autodiff then computes the pool's gradient (``g * (x == max) / ties``) and
 adds it to the skip's gradient: two passes over the level's activation, which
-XLA:CPU runs slowly on bfloat16 (the unpool ~6 ms and the addition ~3 ms for
-a ``[16, 128, 128, 16]`` bf16 activation inside the width-16 U-Net step on 2
-cores: ~15 ms of a ~300 ms step over the four levels, in a profile of
-``busi_jax.bench``'s step; docs/BENCHMARKS.md).
+XLA:CPU runs slowly on bfloat16. Doing both in one kernel pass saved 12 ms
+of the width-16 U-Net's bf16 train step and 8 ms of the U-Net++'s on 2 cores
+(in-process A/B, docs/BENCHMARKS.md, fifteenth session).
 :func:`skip_and_max_pool2` returns both branches from one function whose
 gradient is one pass of the C++ kernel ``busi_jax/csrc/max_pool.cc``.
 """
