@@ -548,6 +548,19 @@ BUSI_BF16 inline void WinogradColumn(const char* const (&rows)[4], int64_t w, in
   e[3] = _mm512_sub_ps(d1, d3);
 }
 
+// The four input rows a tile row reads (channel c on of part, image b):
+// null for rows of the zero padding.
+BUSI_BF16 inline void TileInputRows(const Part& part, int64_t b, int64_t tile_row, int64_t c,
+                                    const Geometry& g, const char* (&rows)[4]) {
+  const int64_t es = part.bf16 ? 2 : 4;
+  for (int a = 0; a < 4; ++a) {
+    const int64_t h = 2 * tile_row - 1 + a;
+    rows[a] = h < 0 || h >= g.H ? nullptr
+                                : static_cast<const char*>(part.x) +
+                                      ((b * g.H + h) * g.W * part.C + c) * es;
+  }
+}
+
 // Tile rows [tr0, tr0 + tile_rows) of image b, read from the input parts
 // where they lie (the zero padding is implied) -> v[pos][tile][C] bf16 (pos
 // planes `step` elements apart), tiles numbered row by row, nt per row.
@@ -559,15 +572,9 @@ BUSI_BF16 void WinogradInput(const std::vector<Part>& parts, int64_t b, uint16_t
   for (int64_t tr = 0; tr < tile_rows; ++tr) {
     int64_t c0 = 0;  // The part's first channel in the joined input.
     for (const Part& part : parts) {
-      const int64_t es = part.bf16 ? 2 : 4;
       for (int64_t c = 0; c < part.C; c += 16) {
         const char* rows[4];
-        for (int a = 0; a < 4; ++a) {
-          const int64_t h = 2 * (tr0 + tr) - 1 + a;
-          rows[a] = h < 0 || h >= g.H ? nullptr
-                                      : static_cast<const char*>(part.x) +
-                                            ((b * g.H + h) * g.W * part.C + c) * es;
-        }
+        TileInputRows(part, b, tr0 + tr, c, g, rows);
         __m512 e0[4], e1[4], e2[4], e3[4];
         WinogradColumn(rows, -1, g.W, part.C, part.bf16, e0);
         WinogradColumn(rows, 0, g.W, part.C, part.bf16, e1);
@@ -1108,21 +1115,16 @@ BUSI_BF16 void WinogradInputPairs(const std::vector<Part>& parts, int64_t b, uin
   for (int64_t tr = 0; tr < rows; ++tr) {
     int64_t c0 = 0;
     for (const Part& part : parts) {
-      const int64_t es = part.bf16 ? 2 : 4;
       for (int64_t c = 0; c < part.C; c += 16) {
         const char* in[4];
-        for (int a = 0; a < 4; ++a) {
-          const int64_t h = 2 * (tr0 + tr) - 1 + a;
-          in[a] = h < 0 || h >= g.H ? nullptr
-                                    : static_cast<const char*>(part.x) +
-                                          ((b * g.H + h) * g.W * part.C + c) * es;
-        }
+        TileInputRows(part, b, tr0 + tr, c, g, in);
         // B^T d of the columns, carried from tile to tile as in WinogradInput.
         __m512 e[6][4];
         WinogradColumn(in, -1, g.W, part.C, part.bf16, e[0]);
         WinogradColumn(in, 0, g.W, part.C, part.bf16, e[1]);
         for (int64_t tc = 0; tc < nt; tc += 2) {
-          for (int k = 2; k < 6; ++k) WinogradColumn(in, 2 * tc + k - 1, g.W, part.C, part.bf16, e[k]);
+          for (int k = 2; k < 6; ++k)
+            WinogradColumn(in, 2 * tc + k - 1, g.W, part.C, part.bf16, e[k]);
           uint16_t* dst = v + ((tr * nt + tc) / 2 * g.C + c0 + c) * 2;
           for (int a = 0; a < 4; ++a) {  // (B^T d) B, row a, of the pair's two tiles
             const __m512 l[4] = {_mm512_sub_ps(e[0][a], e[2][a]), _mm512_add_ps(e[1][a], e[2][a]),

@@ -44,7 +44,8 @@ __attribute__((noinline)) void AddShare(const T* __restrict x, const T* __restri
                                         const float* __restrict m,
                                         const float* __restrict share, T* __restrict d,
                                         int64_t C) {
-  for (int64_t c = 0; c < C; ++c) Store(d + c, Load(g + c) + (Load(x + c) == m[c] ? share[c] : 0.0f));
+  for (int64_t c = 0; c < C; ++c)
+    Store(d + c, Load(g + c) + (Load(x + c) == m[c] ? share[c] : 0.0f));
 }
 
 template <typename T>
