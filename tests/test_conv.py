@@ -765,6 +765,17 @@ def test_winograd_weight_gradient_keeps_sixteen_outputs_direct():
 
 @needs_avx512_bf16
 @pytest.mark.usefixtures("avx512_unit")
+def test_winograd_weight_gradient_of_an_empty_batch_is_zero():
+    x = jnp.ones((0, 16, 16, 32), jnp.bfloat16)
+    dy = jnp.ones((0, 16, 16, 32), jnp.bfloat16)
+    dw = conv_lib.amx_weight_gradient(
+        x, dy, (3, 3, 32, 32), (1, 1), ((1, 1), (1, 1)), winograd=True
+    )
+    np.testing.assert_array_equal(dw, np.zeros((3, 3, 32, 32), np.float32))
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("avx512_unit")
 def test_winograd_weight_gradient_refuses_what_it_cannot_compute():
     """Called directly with dilation 2: one error naming what Winograd needs."""
     call = jax.ffi.ffi_call(

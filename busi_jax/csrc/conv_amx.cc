@@ -1327,6 +1327,10 @@ ffi::Error ConvAmxWgradImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuff
           "busi_conv_amx_wgrad: winograd=1 needs unit 1 (AVX-512 BF16), a 3x3 kernel, "
           "dilation 1, padding 1 and an output the input's size with an even height");
     const int64_t co = g.C * g.O;
+    if (xd[0] == 0 || g.Ho == 0 || g.Wo == 0) {  // No tiles: a zero gradient.
+      std::fill(dw->typed_data(), dw->typed_data() + 9 * co, 0.0f);
+      return ffi::Error::Success();
+    }
     std::vector<float> m(16 * co);
     busi::SumOverImages(pool, xd[0], 16 * co, m.data(), [=](int64_t b, float* acc) mutable {
       WinogradWgradImage(ps, b, dys + b * dy_image, acc, g, xt, dyv);
