@@ -766,6 +766,20 @@ ffi::Error CheckUnit(int64_t unit, const char* kernel) {
                                      ": unit must be 0 (AMX) or 1 (AVX-512 BF16)");
 }
 
+// Whether winograd=1 suits the call: unit 1, a 3x3 kernel, dilation 1,
+// padding 1, and (bad_size false) an output the input's size, even height.
+ffi::Error CheckWinograd(int64_t winograd, int64_t unit, int64_t kh, int64_t kw, int64_t dil_h,
+                         int64_t dil_w, int64_t pad_h, int64_t pad_w, bool bad_size,
+                         const char* kernel) {
+  if (winograd == 1 && unit == kUnitAvx512Bf16 && kh == 3 && kw == 3 && dil_h == 1 &&
+      dil_w == 1 && pad_h == 1 && pad_w == 1 && !bad_size)
+    return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(
+      std::string(kernel) +
+      ": winograd=1 needs unit 1 (AVX-512 BF16), a 3x3 kernel, dilation 1, padding 1 and an "
+      "output the input's size with an even height");
+}
+
 bool F32OrBf16(const ffi::AnyBuffer& b) {
   return b.element_type() == ffi::DataType::F32 || b.element_type() == ffi::DataType::BF16;
 }
@@ -823,11 +837,10 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
   const int64_t batch = xd[0];
   void* out = y->untyped_data();
   if (winograd != 0) {
-    if (winograd != 1 || unit != kUnitAvx512Bf16 || g.KH != 3 || g.KW != 3 || dil_h != 1 ||
-        dil_w != 1 || pad_h != 1 || pad_w != 1 || g.Ho != g.H || g.Wo != g.W || g.Ho % 2 != 0)
-      return ffi::Error::InvalidArgument(
-          "busi_conv_amx: winograd=1 needs unit 1 (AVX-512 BF16), a 3x3 kernel, dilation 1, "
-          "padding 1 and an output the input's size with an even height");
+    if (ffi::Error e = CheckWinograd(winograd, unit, g.KH, g.KW, dil_h, dil_w, pad_h, pad_w,
+                                     g.H != g.Ho || g.W != g.Wo || g.Ho % 2 != 0, "busi_conv_amx");
+        e.failure())
+      return e;
     if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
     ConvWinograd(pool, *parts, k.untyped_data(), k.element_type() == ffi::DataType::BF16, out, g,
                  batch);
@@ -1321,11 +1334,11 @@ ffi::Error ConvAmxWgradImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuff
   std::vector<uint16_t> xt, dyv;
   const std::vector<Part> ps = std::move(*parts);
   if (winograd != 0) {
-    if (winograd != 1 || unit != kUnitAvx512Bf16 || g.KH != 3 || g.KW != 3 || dil_h != 1 ||
-        dil_w != 1 || pad_h != 1 || pad_w != 1 || g.Ho != g.H || g.Wo != g.W || g.Ho % 2 != 0)
-      return ffi::Error::InvalidArgument(
-          "busi_conv_amx_wgrad: winograd=1 needs unit 1 (AVX-512 BF16), a 3x3 kernel, "
-          "dilation 1, padding 1 and an output the input's size with an even height");
+    if (ffi::Error e =
+            CheckWinograd(winograd, unit, g.KH, g.KW, dil_h, dil_w, pad_h, pad_w,
+                          g.H != g.Ho || g.W != g.Wo || g.Ho % 2 != 0, "busi_conv_amx_wgrad");
+        e.failure())
+      return e;
     const int64_t co = g.C * g.O;
     if (xd[0] == 0 || g.Ho == 0 || g.Wo == 0) {  // No tiles: a zero gradient.
       std::fill(dw->typed_data(), dw->typed_data() + 9 * co, 0.0f);
