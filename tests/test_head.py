@@ -59,6 +59,7 @@ def test_bf16_logits_match_float32_conv_and_gradients():
         v, x
     )
     assert z.dtype == jnp.float32
+    np.testing.assert_allclose(l, l_ref, rtol=1e-5)
     np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g[0]), jax.tree.leaves(g_ref[0])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
