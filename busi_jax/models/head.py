@@ -6,9 +6,10 @@ float32 on bfloat16 features first writes a float32 copy of the whole
 weight gradient, then converts the input gradient back, where the head does
 0.1% of the step's multiply-adds (worth ~4 ms of the width-16 U-Net++'s
 ~650 ms bf16 train step on 2 CPU cores in an in-process A/B,
-docs/BENCHMARKS.md, fifteenth session). For bfloat16 features :func:`logit_head` computes
-the same function from the bf16 features directly (float32 sums, the kernel
-split into two bf16 halves so the logits keep float32's precision);
+docs/BENCHMARKS.md, fifteenth session). For bfloat16 features
+:func:`logit_head` computes the same function from the bf16 features
+directly (float32 sums, the kernel split into two bf16 halves so the logits
+keep float32's precision);
 float32 features keep ``nn.Conv`` exactly. Both create ``nn.Conv``'s
 variables (``kernel`` ``[1, 1, C, O]``, ``bias`` ``[O]``) with its
 initialisers, so checkpoints and initial values do not depend on the dtype.
@@ -20,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-PARAM_DTYPE = jnp.float32
+from busi_jax.models.blocks import PARAM_DTYPE
 
 
 def logit_head(features: int, x: jax.Array, name: str) -> jax.Array:
@@ -57,7 +58,7 @@ class Bf16LogitHead(nn.Module):
 
 @jax.custom_vjp
 def bf16_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """``x @ kernel + bias`` in float32 for bfloat16 ``x`` ``[..., C]``, float32 ``kernel`` ``[C, O]``.
+    """``x @ kernel + bias`` in float32: bf16 ``x`` ``[..., C]``, float32 ``kernel`` ``[C, O]``.
 
     The kernel is taken as the sum of two bfloat16 halves (its bf16 rounding
     and the rounding of the rest), so the products are exact in float32 and
@@ -82,7 +83,6 @@ def _bf16_logits_fwd(x, kernel, bias):
 def _bf16_logits_bwd(res, g):
     x, kernel = res
     dx = jnp.einsum("...o,co->...c", g, kernel).astype(x.dtype)
-    # The float32 view of x is fused into the reduction, not written out.
     dkernel = jnp.einsum("...c,...o->co", x.astype(jnp.float32), g)
     dbias = jnp.sum(g.reshape(-1, g.shape[-1]), axis=0)
     return dx, dkernel, dbias
