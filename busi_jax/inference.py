@@ -13,6 +13,7 @@ import numpy as np
 
 from busi_jax import checkpoints as ckpt_lib
 from busi_jax import models as models_lib
+from busi_jax.models.packing import pack_inference
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -52,7 +53,10 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
             pass, no gradients; needs such a CPU and a C++ compiler; see
             busi_jax.models.conv) or 'native_amx' (the same, AMX tiles only). The
             checkpoint is the same either way; models without AMX kernels
-            (the classifier) run on XLA whatever this says.
+            (the classifier) run on XLA whatever this says. With the bf16
+            kernels the variables come packed for them at the run's image
+            size (:func:`busi_jax.models.packing.pack_inference`: the same
+            outputs, with the weight-only work done once here).
 
     Returns:
         ``(config, model, variables)``.
@@ -77,9 +81,10 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     channels = 1
     if config.task == "classification":
         channels = models_lib.classifier_input_channels(config.classifier.input_mode)
+    sample = jnp.zeros((1, size, size, channels), jnp.float32)
     like = model.init(
         {"params": jax.random.key(0, impl="rbg"), "dropout": jax.random.key(0, impl="rbg")},
-        jnp.zeros((1, size, size, channels), jnp.float32),
+        sample,
         train=False,
     )
     like = {"params": like["params"], "batch_stats": like.get("batch_stats", {})}
@@ -88,6 +93,8 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
         variables, _ = ckpts.restore_best(like)
     finally:
         ckpts.close()
+    if kernels != "xla":
+        variables = pack_inference(model, variables, sample)
     return config, model, variables
 
 

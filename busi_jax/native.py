@@ -42,6 +42,7 @@ KERNELS = {
         "busi_conv_amx_concat_affine_relu",
     ),
     "conv_amx_concat": ("conv_amx.cc", "BusiConvAmxConcat", "busi_conv_amx_concat"),
+    "conv_amx_pack": ("conv_amx.cc", "BusiConvAmxPack", "busi_conv_amx_pack"),
     "conv_amx_concat_wgrad": (
         "conv_amx.cc",
         "BusiConvAmxConcatWgrad",

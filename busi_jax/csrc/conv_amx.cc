@@ -133,6 +133,12 @@ struct Geometry {
   const float* shift = nullptr;
 };
 
+// Geometry::K for C input channels on `unit`.
+inline int64_t ChannelsPerTile(int64_t unit, int64_t C) {
+  if (unit == kUnitAvx512Bf16) return C;  // MicroAvx walks a tap's channels in one run.
+  return C % 32 == 0 ? 32 : 16;
+}
+
 // Output row h of image b.
 inline char* OutRow(void* y, const Geometry& g, int64_t b, int64_t h) {
   return static_cast<char*>(y) + (b * g.Ho + h) * g.Wo * g.O * (g.y_bf16 ? 2 : 4);
@@ -697,11 +703,15 @@ BUSI_BF16 void WinogradProducts(const WinogradTiles& tl, const uint16_t* packed,
 // then each task takes a pair of output blocks for a run of tiles (all of
 // them where that makes enough tasks).
 BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& parts,
-                            const void* kernel, bool kernel_bf16, void* y, const Geometry& g,
-                            int64_t batch) {
+                            const void* kernel, bool kernel_bf16, bool prepacked, void* y,
+                            const Geometry& g, int64_t batch) {
   const int64_t nob = g.O / 16, nt = g.Wo / 2, tile_rows_total = g.Ho / 2;
   const int64_t participants = std::max<int64_t>(pool.num_threads(), 0) + 1;
-  std::vector<uint16_t> packed(16 * g.C * g.O);
+  // Prepacked: `kernel` already holds PackWinogradKernel's output
+  // (BusiConvAmxPack, once per set of weights); else it is packed here.
+  std::vector<uint16_t> own(prepacked ? 0 : 16 * g.C * g.O);
+  const uint16_t* const packed = prepacked ? static_cast<const uint16_t*>(kernel) : own.data();
+  const int64_t pack_tasks = prepacked ? 0 : nob;
   // Bands small enough that a task's transformed input (16 bf16 values per
   // channel and tile) stays in L2, and at least four tasks per participant.
   const int64_t per_row = 16 * nt * g.C * 2;  // bytes of v per tile row
@@ -712,12 +722,12 @@ BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& part
   if (band * nt < 32 && 16 * tiles * g.C * 2 <= (int64_t{1} << 20)) {
     const int64_t plane = WinogradPlane(tiles, g.C);
     std::vector<uint16_t> v(16 * plane);
-    busi::ParallelFor(pool, nob + batch * tile_rows_total, participants, [&](int64_t t) {
-      if (t < nob) {
-        PackWinogradKernel(kernel, kernel_bf16, g, t, t + 1, packed.data());
+    busi::ParallelFor(pool, pack_tasks + batch * tile_rows_total, participants, [&](int64_t t) {
+      if (t < pack_tasks) {
+        PackWinogradKernel(kernel, kernel_bf16, g, t, t + 1, own.data());
         return;
       }
-      const int64_t row = t - nob;  // b * tile_rows_total + the image's tile row
+      const int64_t row = t - pack_tasks;  // b * tile_rows_total + the image's tile row
       WinogradInput(parts, row / tile_rows_total, v.data() + row * nt * g.C, plane, g,
                     row % tile_rows_total, 1, nt);
     });
@@ -729,12 +739,12 @@ BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& part
     busi::ParallelFor(pool, pairs * runs, participants, [&](int64_t t) {
       alignas(64) static thread_local float m[16 * 16 * 16];
       const int64_t ob = 2 * (t / runs), t_lo = (t % runs) * run;
-      WinogradProducts(tl, packed.data(), y, g, t_lo, std::min(tiles, t_lo + run), ob,
+      WinogradProducts(tl, packed, y, g, t_lo, std::min(tiles, t_lo + run), ob,
                        std::min(nob, ob + 2), m);
     });
     return;
   }
-  PackWinogradKernel(kernel, kernel_bf16, g, 0, nob, packed.data());
+  if (!prepacked) PackWinogradKernel(kernel, kernel_bf16, g, 0, nob, own.data());
   const int64_t bands = (tile_rows_total + band - 1) / band;
   busi::ParallelFor(pool, batch * bands, participants, [&](int64_t t) {
     thread_local std::vector<uint16_t> v;
@@ -745,7 +755,7 @@ BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& part
     v.resize(16 * plane);
     WinogradInput(parts, b, v.data(), plane, g, tr0, rows, nt);
     const WinogradTiles tl{v.data(), plane, rows * nt, rows * nt, nt, b, 2 * tr0};
-    WinogradProducts(tl, packed.data(), y, g, 0, rows * nt, 0, nob, m);
+    WinogradProducts(tl, packed, y, g, 0, rows * nt, 0, nob, m);
   });
 }
 
@@ -805,7 +815,7 @@ ffi::ErrorOr<std::vector<Part>> Parts(const std::vector<ffi::AnyBuffer>& xs) {
 ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& xs,
                        ffi::AnyBuffer k, const float* scale, const float* shift,
                        ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                       int64_t pad_w, int64_t unit, int64_t winograd) {
+                       int64_t pad_w, int64_t unit, int64_t winograd, int64_t packed) {
   if (xs.empty()) return ffi::Error::InvalidArgument("busi_conv_amx: no input");
   auto parts = Parts(xs);
   if (parts.has_error()) return parts.error();
@@ -827,13 +837,20 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
   if (pad_w < 0 || pad_h < 0 || dil_h < 1 || dil_w < 1)
     return ffi::Error::InvalidArgument("busi_conv_amx: negative padding or dilation < 1");
   if (ffi::Error e = CheckUnit(unit, "busi_conv_amx"); e.failure()) return e;
-  Geometry g{xd[1], xd[2], channels, yd[1], yd[2], yd[3], kd[0], kd[1], dil_h, dil_w,
-               pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, channels % 32 == 0 ? 32 : 16, 1,
-               y->element_type() == ffi::DataType::BF16};
+  // A prepacked Winograd kernel is [4, 4, C, O] (G g G^T) of a 3x3 one.
+  const bool packed_winograd = packed != 0 && winograd != 0;
+  if (packed != 0 && (k.element_type() != ffi::DataType::BF16 ||
+                      (packed_winograd && (kd[0] != 4 || kd[1] != 4))))
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx: packed=1 needs the bf16 kernel busi_conv_amx_pack made for the same "
+        "winograd and unit ([4, 4, C, O] for winograd=1)");
+  Geometry g{xd[1], xd[2], channels, yd[1], yd[2], yd[3],
+             packed_winograd ? 3 : kd[0], packed_winograd ? 3 : kd[1], dil_h, dil_w,
+             pad_h, pad_w, yd[2] % 16 == 0 ? 16 : 8, ChannelsPerTile(unit, channels), 1,
+             y->element_type() == ffi::DataType::BF16};
   g.scale = scale;
   g.shift = shift;
   g.unit = unit;
-  if (unit == kUnitAvx512Bf16) g.K = channels;  // MicroAvx walks a tap's channels in one run.
   const int64_t batch = xd[0];
   void* out = y->untyped_data();
   if (winograd != 0) {
@@ -842,13 +859,15 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
         e.failure())
       return e;
     if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
-    ConvWinograd(pool, *parts, k.untyped_data(), k.element_type() == ffi::DataType::BF16, out, g,
-                 batch);
+    ConvWinograd(pool, *parts, k.untyped_data(), k.element_type() == ffi::DataType::BF16,
+                 packed != 0, out, g, batch);
     return ffi::Error::Success();
   }
   if (batch == 0 || g.Ho == 0) return ffi::Error::Success();
-  const std::vector<uint16_t> packed =
-      PackKernel(k.untyped_data(), k.element_type() == ffi::DataType::BF16, g);
+  std::vector<uint16_t> own;
+  if (packed == 0) own = PackKernel(k.untyped_data(), k.element_type() == ffi::DataType::BF16, g);
+  const uint16_t* const kernel =
+      packed != 0 ? static_cast<const uint16_t*>(k.untyped_data()) : own.data();
   // At least two tasks per participant, so a batch of one still uses every
   // core; but a call of under ~4M multiply-adds finishes in tens of
   // microseconds, about what waking a helper costs. (At 16M, the batch-1
@@ -865,8 +884,7 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
   busi::ParallelFor(pool, batch * bands_per_image, participants, [&](int64_t t) {
     // Each thread keeps its padded-rows buffer from call to call.
     thread_local std::vector<uint16_t> buf;
-    RunBand(*parts, packed.data(), out, g, t / bands_per_image, (t % bands_per_image) * g.band,
-            buf);
+    RunBand(*parts, kernel, out, g, t / bands_per_image, (t % bands_per_image) * g.band, buf);
   });
   return ffi::Error::Success();
 }
@@ -1377,9 +1395,9 @@ ffi::ErrorOr<std::vector<ffi::AnyBuffer>> Buffers(const ffi::RemainingArgs& xs) 
 
 ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                    ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                   int64_t pad_w, int64_t unit, int64_t winograd) {
+                   int64_t pad_w, int64_t unit, int64_t winograd, int64_t packed) {
   return ConvAmxImpl(pool, {x}, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w, unit,
-                     winograd);
+                     winograd, packed);
 }
 
 ffi::Error CheckAffine(const ffi::AnyBuffer& k, const ffi::Buffer<ffi::F32>& scale,
@@ -1394,10 +1412,11 @@ ffi::Error CheckAffine(const ffi::AnyBuffer& k, const ffi::Buffer<ffi::F32>& sca
 ffi::Error ConvAmxAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                              ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
-                             int64_t pad_h, int64_t pad_w, int64_t unit, int64_t winograd) {
+                             int64_t pad_h, int64_t pad_w, int64_t unit, int64_t winograd,
+                             int64_t packed) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
   return ConvAmxImpl(pool, {x}, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
-                     pad_h, pad_w, unit, winograd);
+                     pad_h, pad_w, unit, winograd, packed);
 }
 
 // The same over the concatenation of the remaining arguments along channels.
@@ -1405,23 +1424,66 @@ ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
                                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                                    ffi::RemainingArgs xs, ffi::Result<ffi::AnyBuffer> y,
                                    int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w,
-                                   int64_t unit, int64_t winograd) {
+                                   int64_t unit, int64_t winograd, int64_t packed) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
   auto parts = Buffers(xs);
   if (parts.has_error()) return parts.error();
   return ConvAmxImpl(pool, *parts, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
-                     pad_h, pad_w, unit, winograd);
+                     pad_h, pad_w, unit, winograd, packed);
 }
 
 // The forward pass over the concatenation of the remaining arguments, no
 // epilogue (training: the U-Net skips are read where they lie).
 ffi::Error ConvAmxConcat(ffi::ThreadPool pool, ffi::AnyBuffer k, ffi::RemainingArgs xs,
                          ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
-                         int64_t pad_h, int64_t pad_w, int64_t unit, int64_t winograd) {
+                         int64_t pad_h, int64_t pad_w, int64_t unit, int64_t winograd,
+                         int64_t packed) {
   auto parts = Buffers(xs);
   if (parts.has_error()) return parts.error();
   return ConvAmxImpl(pool, *parts, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w, unit,
-                     winograd);
+                     winograd, packed);
+}
+
+// The kernel [KH, KW, C, O] (float32 or bf16) in the layout the forward
+// handlers read with packed=1, for the same unit and winograd: bf16
+// [4, 4, C, O] (winograd=1, a 3x3 kernel: G g G^T in pair-interleaved
+// blocks) or [KH, KW, C, O] (the direct pass's tiles). Packing is the
+// kernel-only work of a forward call; done once for a set of weights
+// (inference), it leaves each call only the work that depends on x.
+ffi::Error ConvAmxPack(ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> out, int64_t unit,
+                       int64_t winograd) {
+  if (ffi::Error e = CheckUnit(unit, "busi_conv_amx_pack"); e.failure()) return e;
+  auto kd = k.dimensions();
+  auto od = out->dimensions();
+  if (!F32OrBf16(k) || out->element_type() != ffi::DataType::BF16 || kd.size() != 4 ||
+      od.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_pack: kernel [KH, KW, C, O] float32 or bf16 -> bf16 rank 4");
+  if (kd[2] % 16 != 0 || kd[3] % 16 != 0)
+    return ffi::Error::InvalidArgument("busi_conv_amx_pack: needs C and O multiples of 16");
+  if (winograd != 0 &&
+      (winograd != 1 || unit != kUnitAvx512Bf16 || kd[0] != 3 || kd[1] != 3))
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_pack: winograd=1 needs unit 1 (AVX-512 BF16) and a 3x3 kernel");
+  const int64_t kh = winograd != 0 ? 4 : kd[0], kw = winograd != 0 ? 4 : kd[1];
+  if (od[0] != kh || od[1] != kw || od[2] != kd[2] || od[3] != kd[3])
+    return ffi::Error::InvalidArgument(
+        "busi_conv_amx_pack: output must be [4, 4, C, O] (winograd=1) or the kernel's shape");
+  Geometry g{};
+  g.KH = kd[0];
+  g.KW = kd[1];
+  g.C = kd[2];
+  g.O = kd[3];
+  g.K = ChannelsPerTile(unit, g.C);
+  const bool bf16 = k.element_type() == ffi::DataType::BF16;
+  uint16_t* dst = static_cast<uint16_t*>(out->untyped_data());
+  if (winograd != 0) {
+    PackWinogradKernel(k.untyped_data(), bf16, g, 0, g.O / 16, dst);
+  } else {
+    const std::vector<uint16_t> packed = PackKernel(k.untyped_data(), bf16, g);
+    std::memcpy(dst, packed.data(), packed.size() * sizeof(uint16_t));
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error ConvAmxWgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -1453,8 +1515,15 @@ auto ConvAttrs(Binding&& binding) {
       .template Attr<int64_t>("winograd");  // 1: F(2x2, 3x3) (unit 1 only), 0: direct
 }
 
+// The forward handlers' attributes: ConvAttrs, then whether the kernel is
+// already packed (BusiConvAmxPack's output for the same unit and winograd).
+template <typename Binding>
+auto ForwardAttrs(Binding&& binding) {
+  return ConvAttrs(std::move(binding)).template Attr<int64_t>("packed");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
-                              ConvAttrs(ffi::Ffi::Bind()
+                              ForwardAttrs(ffi::Ffi::Bind()
                                             .Ctx<ffi::ThreadPool>()
                                             .Arg<ffi::AnyBuffer>()  // x: float32 or bf16
                                             .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
@@ -1462,7 +1531,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,
                               ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
-                              ConvAttrs(ffi::Ffi::Bind()
+                              ForwardAttrs(ffi::Ffi::Bind()
                                             .Ctx<ffi::ThreadPool>()
                                             .Arg<ffi::AnyBuffer>()         // x: float32 or bf16
                                             .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
@@ -1472,7 +1541,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxAffineRelu, ConvAmxAffineRelu,
                               ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatAffineRelu, ConvAmxConcatAffineRelu,
-                              ConvAttrs(ffi::Ffi::Bind()
+                              ForwardAttrs(ffi::Ffi::Bind()
                                             .Ctx<ffi::ThreadPool>()
                                             .Arg<ffi::AnyBuffer>()         // kernel: float32 or bf16
                                             .Arg<ffi::Buffer<ffi::F32>>()  // scale [O]
@@ -1490,7 +1559,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxWgrad, ConvAmxWgrad,
                               ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcat, ConvAmxConcat,
-                              ConvAttrs(ffi::Ffi::Bind()
+                              ForwardAttrs(ffi::Ffi::Bind()
                                             .Ctx<ffi::ThreadPool>()
                                             .Arg<ffi::AnyBuffer>()  // kernel: float32 or bf16
                                             .RemainingArgs()        // x parts: float32 or bf16
@@ -1504,3 +1573,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxConcatWgrad, ConvAmxConcatWgrad,
                                             .RemainingArgs()               // x parts: float32 or bf16
                                             .Ret<ffi::Buffer<ffi::F32>>()  // dW
                               ));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmxPack, ConvAmxPack,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // kernel [KH, KW, C, O]: float32 or bf16
+                                  .Ret<ffi::AnyBuffer>()  // packed: bf16
+                                  .Attr<int64_t>("unit")
+                                  .Attr<int64_t>("winograd"));

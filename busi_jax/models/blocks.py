@@ -29,9 +29,11 @@ from busi_jax.models.conv import (
     chunked_conv,
     conv_parts,
     native_wgrad_conv,
+    pack_kernel,
     winograd_fits,
 )
 from busi_jax.models.norm import BatchNormReLU
+from busi_jax.models.packing import check_packed_kernel, packed_entry
 from busi_jax.models.pool import max_pool2, skip_and_max_pool2  # noqa: F401 (re-exported)
 
 Dtype = Any
@@ -427,10 +429,29 @@ class ConvBlock(nn.Module):
         )
 
     def _amx_conv_norm_relu(self, x: jax.Array | Sequence[jax.Array], i: int) -> jax.Array:
-        """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables."""
-        kernel = self.variables["params"][f"conv{i}"]["kernel"]
-        scale, shift = self._folded_norm(i)
+        """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables.
+
+        With a ``'packed'`` entry (:func:`busi_jax.models.packing.pack_inference`)
+        the kernel is already in the C++ layout and the norm folded.
+        """
         hw = (x[0] if isinstance(x, (list, tuple)) else x).shape[1:3]
+        winograd = self.winograd and winograd_fits(*hw)
+        kernel = self.variables["params"][f"conv{i}"]["kernel"]
+
+        def make():
+            scale, shift = self._folded_norm(i)
+            return {
+                "kernel": pack_kernel(kernel, winograd=winograd),
+                "scale": scale,
+                "shift": shift,
+            }
+
+        packed = packed_entry(self, f"conv{i}", make)
+        if packed is not None:
+            check_packed_kernel(packed["kernel"], winograd, f"{self.name}/conv{i}")
+            kernel, scale, shift = packed["kernel"], packed["scale"], packed["shift"]
+        else:
+            scale, shift = self._folded_norm(i)
         return amx_conv(
             x,
             kernel,
@@ -440,7 +461,8 @@ class ConvBlock(nn.Module):
             scale=scale,
             shift=shift,
             out_dtype=self.dtype,
-            winograd=self.winograd and winograd_fits(*hw),
+            winograd=winograd,
+            packed=packed is not None,
         )
 
 
@@ -661,7 +683,13 @@ class Deconv2x2(nn.Module):
         # transposed 64 bytes at a time (python -m busi_jax.bench --profile).
         o = self.features
         k = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * o)
+        packed = None
         if self._on_amx(x):
+            packed = packed_entry(self, "kernel", lambda: pack_kernel(k[None, None]))
+        if packed is not None:  # Inference with packed weights (models.packing).
+            y = amx_conv(x, packed, (1, 1), (0, 0), (h, w), out_dtype=x.dtype, packed=True)
+            y = y.reshape(b, h, w, 2, 2 * o)
+        elif self._on_amx(x):
             # With the 3x3 convs on AMX, XLA's matmuls here were the largest
             # remaining convolution-like cost (bf16 ones slower than float32).
             y = amx_conv_general_dilated(

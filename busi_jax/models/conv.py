@@ -271,6 +271,7 @@ def amx_conv(
     shift: jax.Array | None = None,
     out_dtype=None,
     winograd: bool = False,
+    packed: bool = False,
 ) -> jax.Array:
     """A stride-1 NHWC/HWIO convolution on AMX tiles (``busi_jax/csrc/conv_amx.cc``).
 
@@ -299,12 +300,16 @@ def amx_conv(
         differ from the direct pass by a few bf16 roundings). Only for the
         AVX-512 BF16 unit (:func:`winograd_fits`), a 3x3 kernel, dilation 1,
         padding 1 and a same-size output of even height.
+      packed: ``kernel`` is :func:`pack_kernel`'s output for the same
+        ``winograd`` (``[4, 4, C, O]`` bf16 for Winograd): the call skips
+        that kernel-only work. Same results as the unpacked kernel, bit for
+        bit. Forward only: no gradient is defined.
 
     Returns:
       ``[B, Ho, Wo, O]`` of ``out_dtype``.
     """
     parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
-    kernel = _amx_io(kernel)
+    kernel = kernel if packed else _amx_io(kernel)
     shape = (parts[0].shape[0], *out_hw, kernel.shape[3])
     if out_dtype is None:
         both_bf16 = all(p.dtype == jnp.bfloat16 for p in parts) and kernel.dtype == jnp.bfloat16
@@ -329,7 +334,35 @@ def amx_conv(
         pad_w=int(pad_lo[1]),
         unit=bf16_unit(),
         winograd=int(winograd),
+        packed=int(packed),
     )
+
+
+def pack_kernel(kernel: jax.Array, *, winograd: bool = False) -> jax.Array:
+    """A kernel in the layout :func:`amx_conv` reads with ``packed=True``.
+
+    Each :func:`amx_conv` call otherwise rounds its kernel to bf16 and
+    reorders it (Winograd: also transforms it, ``G g G^T``) before any
+    product; for fixed weights (inference) that work can be done once. At
+    batch 1 it is a large share of a call on the narrow, deep layers (a
+    256 -> 256 channel 3x3 kernel is 2.4 MB of float32 for 64 output pixels
+    at 8x8).
+
+    Args:
+      kernel: ``[KH, KW, C, O]`` float32 or bfloat16, ``C`` and ``O``
+        multiples of 16; ``[3, 3, C, O]`` for ``winograd``.
+      winograd: pack for :func:`amx_conv`'s ``winograd=True`` (AVX-512 BF16
+        only, :func:`winograd_fits`).
+
+    Returns:
+      bfloat16 ``[4, 4, C, O]`` (winograd) or ``[KH, KW, C, O]``: opaque,
+      valid only for this machine's :func:`bf16_unit` and the same
+      ``winograd``.
+    """
+    kh, kw, c, o = kernel.shape
+    shape = (4, 4, c, o) if winograd else (kh, kw, c, o)
+    call = jax.ffi.ffi_call(native.load("conv_amx_pack"), jax.ShapeDtypeStruct(shape, jnp.bfloat16))
+    return call(_amx_io(kernel), unit=bf16_unit(), winograd=int(winograd))
 
 
 def _transposed_pads(kernel_hw, dilation, pads) -> tuple:
