@@ -598,6 +598,61 @@ def test_amx_deconv_is_the_matmul_of_bf16_inputs_with_its_gradients():
     assert "busi_conv_amx" not in jax.jit(amx.apply).lower(v8, x8).as_text()
 
 
+@on_bf16_units
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_shuffled_store_is_the_pixel_shuffle_plus_bias_rounded_once(out_dtype):
+    """amx_conv(shuffle=True, relu=False): the 1x1 conv's float32 sums + bias, shuffled, one rounding."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16, 32)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (1, 1, 32, 64))  # 4 x 16 outputs
+    bias = jax.random.normal(jax.random.key(2), (16,))
+    y = amx_conv(
+        x,
+        kernel,
+        (1, 1),
+        (0, 0),
+        (8, 16),
+        scale=jnp.ones(64),
+        shift=jnp.tile(bias, 4),
+        relu=False,
+        shuffle=True,
+        out_dtype=out_dtype,
+    )
+    sums = amx_conv(x, kernel, (1, 1), (0, 0), (8, 16), out_dtype=jnp.float32)
+    want = sums.reshape(2, 8, 16, 2, 32).transpose(0, 1, 3, 2, 4).reshape(2, 16, 32, 16) + bias
+    assert y.shape == (2, 16, 32, 16) and y.dtype == out_dtype
+    assert float(jnp.min(want)) < 0  # relu=False keeps the negatives.
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want.astype(out_dtype)))
+
+
+@on_bf16_units
+def test_shuffled_store_refuses_what_it_cannot_do():
+    x = jnp.ones((1, 8, 8, 16))
+    with pytest.raises(Exception, match="shuffle=1 needs"):  # 32 / 4 = 8 channels: not 16s.
+        jax.block_until_ready(
+            amx_conv(x, jnp.ones((1, 1, 16, 32)), (1, 1), (0, 0), (8, 8), shuffle=True)
+        )
+
+
+@on_bf16_units
+def test_amx_deconv_at_inference_is_one_fused_call_of_the_same_function():
+    """Deconv2x2(inference=True): matmul, bias and shuffle in one kernel call, as the training path."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32)).astype(jnp.bfloat16)
+    amx = blocks.Deconv2x2(16, dtype=jnp.bfloat16, wgrad="native_bf16")
+    v = amx.init(jax.random.key(1), x)
+    v = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), v)
+    fused = jax.jit(lambda v, x: amx.apply(v, x, inference=True))
+    # With its kernel packed (models.packing), XLA has nothing left to move.
+    _, made = amx.apply(v, x, inference=True, mutable=["packed"])
+    hlo = fused.lower({**v, **made}, x).compile().as_text()
+    assert hlo.count("custom-call(") == 1 and "transpose" not in hlo
+    want = amx.apply(v, x).astype(jnp.float32)  # The training path: rounds, then adds the bias.
+    got = fused(v, x).astype(jnp.float32)
+    np.testing.assert_array_equal(fused({**v, **made}, x).astype(jnp.float32), got)
+    assert got.shape == want.shape == (2, 16, 16, 16)
+    # One bf16 rounding apart at most.
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * float(jnp.max(jnp.abs(want))))
+
+
 @pytest.mark.parametrize("kernel", ["native", pytest.param("amx", marks=needs_bf16)])
 def test_weight_gradients_are_bit_identical_call_to_call(kernel):
     """Images are summed in a fixed order, whatever the threads did: no run-to-run drift."""

@@ -128,10 +128,25 @@ struct Geometry {
   bool y_bf16;  // element type of y (else float32)
   int64_t unit = kUnitAmx;  // kUnitAmx: tiles; kUnitAvx512Bf16: K = C, MicroAvx
   // Optional epilogue y = max(0, conv * scale[o] + shift[o]): an eval-mode
-  // BatchNorm and ReLU folded into the store (BusiConvAmxAffineRelu).
+  // BatchNorm and ReLU folded into the store (BusiConvAmxAffineRelu); without
+  // the max where relu is false.
   const float* scale = nullptr;
   const float* shift = nullptr;
+  bool relu = true;
+  // A 2x2 pixel shuffle in the store (a transposed conv's matmul at
+  // inference): conv channel (a, b, o) of pixel (h, w), with a, b in {0, 1}
+  // and o < O / 4, goes to pixel (2h + a, 2w + b), channel o of y
+  // [B, 2 Ho, 2 Wo, O / 4]. (Output row h's first element in this layout is
+  // OutRow(y, g, b, h), so only the offset within the row changes.)
+  bool shuffle = false;
 };
+
+// Element offset of (pixel w, channels o0..o0+15) from OutRow's pointer.
+inline int64_t OutOffset(const Geometry& g, int64_t w, int64_t o0) {
+  if (!g.shuffle) return w * g.O + o0;
+  const int64_t o4 = g.O / 4, a = o0 / (2 * o4), b = (o0 / o4) % 2;
+  return a * 2 * g.Wo * o4 + (2 * w + b) * o4 + o0 % o4;
+}
 
 // Geometry::K for C input channels on `unit`.
 inline int64_t ChannelsPerTile(int64_t unit, int64_t C) {
@@ -151,7 +166,7 @@ inline char* OutRow(void* y, const Geometry& g, int64_t b, int64_t h) {
 // row by row (epilogue, then rounding for bf16 y).
 #define BUSI_STORE_TILE(t, w0, o0)                                                   \
   do {                                                                              \
-    if (!g.y_bf16 && g.scale == nullptr) {                                          \
+    if (!g.y_bf16 && g.scale == nullptr && !g.shuffle) {                            \
       _tile_stored(t, static_cast<float*>(yrow) + (w0) * g.O + (o0), g.O * 4);      \
       break;                                                                        \
     }                                                                               \
@@ -169,14 +184,15 @@ BUSI_BF16 inline void StoreRows(const float* scratch, void* yrow, const Geometry
   }
   for (int64_t m = 0; m < g.M; ++m) {
     __m512 v = _mm512_load_ps(scratch + m * 16);
-    if (g.scale != nullptr) v = _mm512_max_ps(_mm512_fmadd_ps(v, scale, shift), _mm512_setzero_ps());
+    if (g.scale != nullptr) v = _mm512_fmadd_ps(v, scale, shift);
+    if (g.scale != nullptr && g.relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+    const int64_t at = OutOffset(g, w0 + m, o0);
     if (g.y_bf16) {
       __m256bh b = _mm512_cvtneps_pbh(v);
-      _mm256_storeu_si256(
-          reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + (w0 + m) * g.O + o0),
-          reinterpret_cast<__m256i&>(b));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + at),
+                          reinterpret_cast<__m256i&>(b));
     } else {
-      _mm512_storeu_ps(static_cast<float*>(yrow) + (w0 + m) * g.O + o0, v);
+      _mm512_storeu_ps(static_cast<float*>(yrow) + at, v);
     }
   }
 }
@@ -356,16 +372,17 @@ BUSI_BF16 inline void DotBroadcastPair(__m512 (&acc)[NO], const __m512bh (&kv)[N
 
 // One vector of 16 float32 sums -> y row pixel w, channels o0..o0+15.
 BUSI_BF16 inline void StoreVec(__m512 v, void* yrow, const Geometry& g, int64_t w, int64_t o0) {
-  if (g.scale != nullptr)
-    v = _mm512_max_ps(
-        _mm512_fmadd_ps(v, _mm512_loadu_ps(g.scale + o0), _mm512_loadu_ps(g.shift + o0)),
-        _mm512_setzero_ps());
+  if (g.scale != nullptr) {
+    v = _mm512_fmadd_ps(v, _mm512_loadu_ps(g.scale + o0), _mm512_loadu_ps(g.shift + o0));
+    if (g.relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+  }
+  const int64_t at = OutOffset(g, w, o0);
   if (g.y_bf16) {
     __m256bh b = _mm512_cvtneps_pbh(v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + w * g.O + o0),
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(yrow) + at),
                         reinterpret_cast<__m256i&>(b));
   } else {
-    _mm512_storeu_ps(static_cast<float*>(yrow) + w * g.O + o0, v);
+    _mm512_storeu_ps(static_cast<float*>(yrow) + at, v);
   }
 }
 
@@ -815,7 +832,8 @@ ffi::ErrorOr<std::vector<Part>> Parts(const std::vector<ffi::AnyBuffer>& xs) {
 ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& xs,
                        ffi::AnyBuffer k, const float* scale, const float* shift,
                        ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                       int64_t pad_w, int64_t unit, int64_t winograd, int64_t packed) {
+                       int64_t pad_w, int64_t unit, int64_t winograd, int64_t packed,
+                       int64_t relu, int64_t shuffle) {
   if (xs.empty()) return ffi::Error::InvalidArgument("busi_conv_amx: no input");
   auto parts = Parts(xs);
   if (parts.has_error()) return parts.error();
@@ -823,11 +841,22 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
     return ffi::Error::InvalidArgument("busi_conv_amx: kernel and y must be float32 or bf16");
   auto xd = xs[0].dimensions();
   auto kd = k.dimensions();
-  auto yd = y->dimensions();
+  auto ydims = y->dimensions();
   int64_t channels = 0;
   for (const Part& part : *parts) channels += part.C;
-  if (kd.size() != 4 || yd.size() != 4)
+  if (kd.size() != 4 || ydims.size() != 4)
     return ffi::Error::InvalidArgument("busi_conv_amx: x, kernel and y must be rank 4");
+  // The conv's own output [B, Ho, Wo, O]; with shuffle=1, y is [B, 2 Ho, 2 Wo, O / 4].
+  int64_t yd[4] = {ydims[0], ydims[1], ydims[2], ydims[3]};
+  if (shuffle != 0) {
+    if (yd[1] % 2 != 0 || yd[2] % 2 != 0 || yd[3] % 16 != 0 || winograd != 0)
+      return ffi::Error::InvalidArgument(
+          "busi_conv_amx: shuffle=1 needs y [B, 2 Ho, 2 Wo, O / 4], O / 4 a multiple of 16, "
+          "and winograd=0");
+    yd[1] /= 2;
+    yd[2] /= 2;
+    yd[3] *= 4;
+  }
   if (xd[0] != yd[0] || channels != kd[2] || yd[3] != kd[3])
     return ffi::Error::InvalidArgument(
         "busi_conv_amx: shapes disagree (x [B,H,W,C], kernel [KH,KW,C,O], y [B,Ho,Wo,O])");
@@ -850,6 +879,8 @@ ffi::Error ConvAmxImpl(ffi::ThreadPool pool, const std::vector<ffi::AnyBuffer>& 
              y->element_type() == ffi::DataType::BF16};
   g.scale = scale;
   g.shift = shift;
+  g.relu = relu != 0;
+  g.shuffle = shuffle != 0;
   g.unit = unit;
   const int64_t batch = xd[0];
   void* out = y->untyped_data();
@@ -1395,9 +1426,10 @@ ffi::ErrorOr<std::vector<ffi::AnyBuffer>> Buffers(const ffi::RemainingArgs& xs) 
 
 ffi::Error ConvAmx(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer k,
                    ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w, int64_t pad_h,
-                   int64_t pad_w, int64_t unit, int64_t winograd, int64_t packed) {
+                   int64_t pad_w, int64_t unit, int64_t winograd, int64_t packed, int64_t relu,
+                   int64_t shuffle) {
   return ConvAmxImpl(pool, {x}, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w, unit,
-                     winograd, packed);
+                     winograd, packed, relu, shuffle);
 }
 
 ffi::Error CheckAffine(const ffi::AnyBuffer& k, const ffi::Buffer<ffi::F32>& scale,
@@ -1413,10 +1445,10 @@ ffi::Error ConvAmxAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuf
                              ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                              ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
                              int64_t pad_h, int64_t pad_w, int64_t unit, int64_t winograd,
-                             int64_t packed) {
+                             int64_t packed, int64_t relu, int64_t shuffle) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
   return ConvAmxImpl(pool, {x}, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
-                     pad_h, pad_w, unit, winograd, packed);
+                     pad_h, pad_w, unit, winograd, packed, relu, shuffle);
 }
 
 // The same over the concatenation of the remaining arguments along channels.
@@ -1424,12 +1456,13 @@ ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
                                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                                    ffi::RemainingArgs xs, ffi::Result<ffi::AnyBuffer> y,
                                    int64_t dil_h, int64_t dil_w, int64_t pad_h, int64_t pad_w,
-                                   int64_t unit, int64_t winograd, int64_t packed) {
+                                   int64_t unit, int64_t winograd, int64_t packed,
+                                   int64_t relu, int64_t shuffle) {
   if (ffi::Error e = CheckAffine(k, scale, shift); e.failure()) return e;
   auto parts = Buffers(xs);
   if (parts.has_error()) return parts.error();
   return ConvAmxImpl(pool, *parts, k, scale.typed_data(), shift.typed_data(), y, dil_h, dil_w,
-                     pad_h, pad_w, unit, winograd, packed);
+                     pad_h, pad_w, unit, winograd, packed, relu, shuffle);
 }
 
 // The forward pass over the concatenation of the remaining arguments, no
@@ -1437,11 +1470,11 @@ ffi::Error ConvAmxConcatAffineRelu(ffi::ThreadPool pool, ffi::AnyBuffer k,
 ffi::Error ConvAmxConcat(ffi::ThreadPool pool, ffi::AnyBuffer k, ffi::RemainingArgs xs,
                          ffi::Result<ffi::AnyBuffer> y, int64_t dil_h, int64_t dil_w,
                          int64_t pad_h, int64_t pad_w, int64_t unit, int64_t winograd,
-                         int64_t packed) {
+                         int64_t packed, int64_t relu, int64_t shuffle) {
   auto parts = Buffers(xs);
   if (parts.has_error()) return parts.error();
   return ConvAmxImpl(pool, *parts, k, nullptr, nullptr, y, dil_h, dil_w, pad_h, pad_w, unit,
-                     winograd, packed);
+                     winograd, packed, relu, shuffle);
 }
 
 // The kernel [KH, KW, C, O] (float32 or bf16) in the layout the forward
@@ -1516,10 +1549,15 @@ auto ConvAttrs(Binding&& binding) {
 }
 
 // The forward handlers' attributes: ConvAttrs, then whether the kernel is
-// already packed (BusiConvAmxPack's output for the same unit and winograd).
+// already packed (BusiConvAmxPack's output for the same unit and winograd),
+// whether an epilogue (scale, shift) ends in a ReLU, and whether the store
+// pixel-shuffles (Geometry::shuffle).
 template <typename Binding>
 auto ForwardAttrs(Binding&& binding) {
-  return ConvAttrs(std::move(binding)).template Attr<int64_t>("packed");
+  return ConvAttrs(std::move(binding))
+      .template Attr<int64_t>("packed")
+      .template Attr<int64_t>("relu")
+      .template Attr<int64_t>("shuffle");
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BusiConvAmx, ConvAmx,

@@ -669,8 +669,22 @@ class Deconv2x2(nn.Module):
     wgrad: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B, H, W, C_in]``. Returns: ``[B, 2H, 2W, features]``."""
+    def __call__(self, x: jax.Array, inference: bool = False) -> jax.Array:
+        """Upsamples.
+
+        Args:
+          x: ``[B, H, W, C_in]``.
+          inference: forward only (no gradient is defined): on the bf16
+            kernels the matmul, bias and pixel shuffle are then one kernel
+            call (:func:`busi_jax.models.conv.amx_conv` with ``shuffle``),
+            reading the packed kernel where
+            :func:`busi_jax.models.packing.pack_inference` made one. The bias
+            is added to the float32 sums before the one rounding to
+            ``dtype`` (training rounds the matmul, then adds).
+
+        Returns:
+          ``[B, 2H, 2W, features]``.
+        """
         check_choice("wgrad", self.wgrad, WGRAD_MODES)
         b, h, w, c = x.shape
         kernel = self.param("kernel", HE_INIT, (2, 2, c, self.features), PARAM_DTYPE)
@@ -683,13 +697,24 @@ class Deconv2x2(nn.Module):
         # transposed 64 bytes at a time (python -m busi_jax.bench --profile).
         o = self.features
         k = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * o)
-        packed = None
-        if self._on_amx(x):
+        if inference and self._on_amx(x) and o % 16 == 0:
+            # XLA's pass for the shuffle and bias was ~5% of the width-16
+            # U-Net++'s batch-1 inference (docs/BENCHMARKS.md, sixteenth session).
             packed = packed_entry(self, "kernel", lambda: pack_kernel(k[None, None]))
-        if packed is not None:  # Inference with packed weights (models.packing).
-            y = amx_conv(x, packed, (1, 1), (0, 0), (h, w), out_dtype=x.dtype, packed=True)
-            y = y.reshape(b, h, w, 2, 2 * o)
-        elif self._on_amx(x):
+            return amx_conv(
+                x,
+                k[None, None] if packed is None else packed,
+                (1, 1),
+                (0, 0),
+                (h, w),
+                scale=jnp.ones((4 * o,), jnp.float32),
+                shift=jnp.tile(bias, 4),
+                out_dtype=x.dtype,
+                packed=packed is not None,
+                relu=False,
+                shuffle=True,
+            )
+        if self._on_amx(x):
             # With the 3x3 convs on AMX, XLA's matmuls here were the largest
             # remaining convolution-like cost (bf16 ones slower than float32).
             y = amx_conv_general_dilated(
@@ -724,11 +749,14 @@ class UpSample(nn.Module):
     wgrad: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Args: x ``[B, H, W, C_in]``. Returns: ``[B, 2H, 2W, features]``."""
+    def __call__(self, x: jax.Array, inference: bool = False) -> jax.Array:
+        """Args: x ``[B, H, W, C_in]``; inference: see :class:`Deconv2x2`.
+        Returns: ``[B, 2H, 2W, features]``."""
         check_choice("upsample", self.mode, UPSAMPLE_MODES)
         if self.mode == "transpose":
-            return Deconv2x2(self.features, dtype=self.dtype, wgrad=self.wgrad, name="deconv")(x)
+            return Deconv2x2(self.features, dtype=self.dtype, wgrad=self.wgrad, name="deconv")(
+                x, inference=inference
+            )
         b, h, w, c = x.shape
         method = "bilinear" if self.mode == "resize" else self.mode
         x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method=method)

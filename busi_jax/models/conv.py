@@ -272,6 +272,8 @@ def amx_conv(
     out_dtype=None,
     winograd: bool = False,
     packed: bool = False,
+    relu: bool = True,
+    shuffle: bool = False,
 ) -> jax.Array:
     """A stride-1 NHWC/HWIO convolution on AMX tiles (``busi_jax/csrc/conv_amx.cc``).
 
@@ -304,13 +306,24 @@ def amx_conv(
         ``winograd`` (``[4, 4, C, O]`` bf16 for Winograd): the call skips
         that kernel-only work. Same results as the unpacked kernel, bit for
         bit. Forward only: no gradient is defined.
+      relu: with ``scale`` and ``shift``, end the epilogue in the ReLU;
+        False: ``conv * scale + shift`` (a bias, for ``shuffle``).
+      shuffle: a 2x2 pixel shuffle in the store: conv channel
+        ``(a * 2 + b) * O / 4 + o`` of pixel ``(h, w)`` goes to output pixel
+        ``(2h + a, 2w + b)``, channel ``o``. A stride-2 2x2 transposed conv
+        as a 1x1 conv (see :class:`busi_jax.models.blocks.Deconv2x2`)
+        without a separate shuffle pass. Needs ``O / 4`` a multiple of 16
+        and ``winograd`` False. Forward only.
 
     Returns:
-      ``[B, Ho, Wo, O]`` of ``out_dtype``.
+      ``[B, Ho, Wo, O]`` of ``out_dtype``; ``[B, 2 Ho, 2 Wo, O / 4]`` with
+      ``shuffle``.
     """
     parts = [_amx_io(p) for p in (x if isinstance(x, (list, tuple)) else [x])]
     kernel = kernel if packed else _amx_io(kernel)
     shape = (parts[0].shape[0], *out_hw, kernel.shape[3])
+    if shuffle:
+        shape = (shape[0], 2 * shape[1], 2 * shape[2], shape[3] // 4)
     if out_dtype is None:
         both_bf16 = all(p.dtype == jnp.bfloat16 for p in parts) and kernel.dtype == jnp.bfloat16
         out_dtype = jnp.bfloat16 if both_bf16 else jnp.float32
@@ -335,6 +348,8 @@ def amx_conv(
         unit=bf16_unit(),
         winograd=int(winograd),
         packed=int(packed),
+        relu=int(relu),
+        shuffle=int(shuffle),
     )
 
 

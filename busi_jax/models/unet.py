@@ -155,7 +155,7 @@ class UNetDecoder(nn.Module):
             width = self.features * 2**i
             skip = skips[i]
             up = UpSample(width, self.upsample, dtype=self.dtype, wgrad=self.wgrad, name=f"up{i}")(
-                x
+                x, inference=not train
             )
             if self.attention:
                 skip = AttentionGate(max(1, width // 2), dtype=self.dtype, name=f"att{i}")(skip, x)

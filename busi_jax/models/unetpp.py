@@ -197,7 +197,7 @@ class UNetPlusPlus(nn.Module):
                 width = self.features * 2**i
                 up = UpSample(
                     width, self.upsample, dtype=self.dtype, wgrad=self.wgrad, name=f"up_{i}_{j}"
-                )(nodes[(i + 1, j - 1)])
+                )(nodes[(i + 1, j - 1)], inference=not train)
                 cat = [nodes[(i, k)] for k in range(j)]
                 cat.append(up.astype(cat[0].dtype))
                 nodes[(i, j)] = ConvBlock(width, name=f"X_{i}_{j}", **kw)(cat, train)
