@@ -653,6 +653,19 @@ def test_amx_deconv_at_inference_is_one_fused_call_of_the_same_function():
     np.testing.assert_allclose(got, want, rtol=2**-7, atol=2**-7 * float(jnp.max(jnp.abs(want))))
 
 
+@needs_bf16
+def test_every_spin_setting_waits_for_every_task(monkeypatch):
+    """BUSI_JAX_SPIN_US (parallel.h) changes how a caller waits, never what it returns."""
+    x = jax.random.normal(jax.random.key(0), (4, 64, 64, 32)).astype(jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 32, 32))
+    conv = jax.jit(lambda x, k: amx_conv(x, k, (1, 1), (1, 1), (64, 64)))
+    want = np.asarray(conv(x, kernel))
+    for setting in ("0", "1", "100000", "not a number"):
+        monkeypatch.setenv("BUSI_JAX_SPIN_US", setting)
+        for _ in range(3):
+            np.testing.assert_array_equal(np.asarray(conv(x, kernel)), want)
+
+
 @pytest.mark.parametrize("kernel", ["native", pytest.param("amx", marks=needs_bf16)])
 def test_weight_gradients_are_bit_identical_call_to_call(kernel):
     """Images are summed in a fixed order, whatever the threads did: no run-to-run drift."""

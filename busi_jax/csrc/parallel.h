@@ -24,6 +24,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -32,6 +33,18 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace busi {
+
+// How long a caller whose own tasks are done spins for its helpers before
+// it sleeps: $BUSI_JAX_SPIN_US microseconds (default 100; 0 sleeps at once,
+// for machines with more busy threads than cores), like OpenMP's
+// KMP_BLOCKTIME. Read whenever a caller would wait, so a process can change it.
+inline std::chrono::microseconds SpinMicroseconds() {
+  const char* v = std::getenv("BUSI_JAX_SPIN_US");
+  if (v == nullptr || *v == '\0') return std::chrono::microseconds(100);
+  char* end = nullptr;
+  const long us = std::strtol(v, &end, 10);
+  return std::chrono::microseconds(*end == '\0' && us > 0 ? us : 0);
+}
 
 // fn(t) for every t < tasks, on at most `participants` threads (the caller
 // included); returns when all are done.
@@ -67,12 +80,12 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t tasks, int64_t parti
       {participants - 1, std::max<int64_t>(pool.num_threads(), 0), tasks - 1});
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { state->Run(); });
   state->Run();
+  if (state->Finished()) return;
   // A helper still on its last task usually finishes within microseconds:
-  // spin up to kSpin for it before sleeping, since a futex sleep and wake
-  // costs about as much, on every call (batch-1 inference makes ~40 calls
-  // of well under a millisecond each).
-  constexpr auto kSpin = std::chrono::microseconds(100);
-  const auto until = std::chrono::steady_clock::now() + kSpin;
+  // spin up to SpinMicroseconds() for it before sleeping, since a futex
+  // sleep and wake costs about as much, on every call (batch-1 inference
+  // makes ~40 calls of well under a millisecond each).
+  const auto until = std::chrono::steady_clock::now() + SpinMicroseconds();
   while (!state->Finished()) {
     for (int i = 0; i < 32; ++i) BUSI_PAUSE();
     if (std::chrono::steady_clock::now() > until) {

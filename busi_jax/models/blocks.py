@@ -698,8 +698,9 @@ class Deconv2x2(nn.Module):
         o = self.features
         k = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, 4 * o)
         if inference and self._on_amx(x) and o % 16 == 0:
-            # XLA's pass for the shuffle and bias was ~5% of the width-16
-            # U-Net++'s batch-1 inference (docs/BENCHMARKS.md, sixteenth session).
+            # Not a separate XLA pass over the upsampled activations for the
+            # shuffle and bias (what that is worth at batch 1: the A/B in
+            # docs/BENCHMARKS.md, sixteenth session).
             packed = packed_entry(self, "kernel", lambda: pack_kernel(k[None, None]))
             return amx_conv(
                 x,
