@@ -16,7 +16,8 @@
 // enough for L2), so every tap (i, j) of every M-pixel run of an output row is
 // a plain strided tile load: tile rows are M consecutive pixels, tile columns
 // K channels (M = 16 or 8, K = 32 or 16). The kernel is packed once per call
-// into AMX's pair-interleaved ("VNNI") layout, 16 output channels per tile.
+// into AMX's pair-interleaved ("VNNI") layout, 16 output channels per tile
+// (or once for every call: BusiConvAmxPack, then the `packed` attribute).
 // Up to four accumulator tiles (pixel runs x output-channel blocks) collect
 // all taps and channels before one store into y. The weight gradient, the
 // third pass, is the second handler in this file (BusiConvAmxWgrad).
