@@ -13,15 +13,10 @@ needs_bf16 = pytest.mark.skipif(
     not bf16_kernels_available(), reason="this CPU has neither AMX nor AVX-512 BF16"
 )
 # Winograd runs only on AVX-512 BF16 without AMX (winograd_fits).
-WINOGRAD = [
-    False,
-    pytest.param(
-        True,
-        marks=pytest.mark.skipif(
-            not (bf16_kernels_available() and winograd_fits(8, 8)), reason="no Winograd path here"
-        ),
-    ),
-]
+needs_winograd = pytest.mark.skipif(
+    not (bf16_kernels_available() and winograd_fits(8, 8)), reason="no Winograd path here"
+)
+WINOGRAD = [False, pytest.param(True, marks=needs_winograd)]
 
 
 def _inputs(key, hw, channels):
@@ -118,10 +113,7 @@ def test_pack_inference_adds_nothing_on_xla_kernels():
     assert set(pack_inference(model, variables, x)) == {"params", "batch_stats"}
 
 
-@needs_bf16
-@pytest.mark.skipif(
-    not (bf16_kernels_available() and winograd_fits(8, 8)), reason="no Winograd path here"
-)
+@needs_winograd
 def test_kernel_packed_for_another_input_size_is_refused():
     # An even height runs by Winograd, an odd one directly: other layouts.
     block = blocks.ConvBlock(16, dtype=jnp.bfloat16, wgrad="native_bf16")
