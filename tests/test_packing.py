@@ -78,19 +78,32 @@ def test_unpacked_kernel_marked_packed_is_refused():
         jax.block_until_ready(amx_conv(x, kernel, (1, 1), (1, 1), (8, 8), packed=True))
 
 
-def _model(name, wgrad="native_bf16", **kw):
+def _model(name, wgrad="native_bf16", dtype="bfloat16"):
     return models.create_model(
-        dict(name=name, features=16, depth=2, dtype="bfloat16", wgrad=wgrad, **kw)
+        {"name": name, "features": 16, "depth": 2, "dtype": dtype, "wgrad": wgrad}
     )
 
 
+def _trained_like(variables, key):
+    """Every variable moved off its initial value (BatchNorm statistics and biases are
+    0 / 1 at init, which would hide a fold computed differently); variances stay positive."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    moved = []
+    for i, (path, a) in enumerate(leaves):
+        a = a + 0.3 * jax.random.normal(jax.random.fold_in(key, i), a.shape)
+        moved.append(jnp.abs(a) + 0.5 if "var" in str(path[-1]) else a)
+    return jax.tree_util.tree_unflatten(treedef, moved)
+
+
 @needs_bf16
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("name", ["unetpp", "unet", "sunet"])
-def test_pack_inference_keeps_the_outputs_bit_for_bit(name):
-    model = _model(name)
+def test_pack_inference_keeps_the_outputs_bit_for_bit(name, dtype):
+    model = _model(name, dtype=dtype)
     x = jax.random.uniform(jax.random.key(5), (1, 32, 32, 1))
     variables = model.init(jax.random.key(6), x, train=False)
     assert PACKED not in variables  # init packs nothing (every collection is mutable there).
+    variables = _trained_like(variables, jax.random.key(8))
     packed = pack_inference(model, variables, x)
     assert set(packed) == {"params", "batch_stats", PACKED}
     # Every 3x3 conv on the bf16 kernels has its entry; the first (1-channel) one does not.

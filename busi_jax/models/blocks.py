@@ -432,26 +432,18 @@ class ConvBlock(nn.Module):
         """``relu(norm{i}(conv{i}(x)))`` at ``train=False`` in one AMX call, same variables.
 
         With a ``'packed'`` entry (:func:`busi_jax.models.packing.pack_inference`)
-        the kernel is already in the C++ layout and the norm folded.
+        the kernel is already in the C++ layout. The folded norm is computed
+        here either way: a few ``[features]`` vectors, and computed in the
+        same traced graph its float32 bits cannot depend on packing.
         """
         hw = (x[0] if isinstance(x, (list, tuple)) else x).shape[1:3]
         winograd = self.winograd and winograd_fits(*hw)
         kernel = self.variables["params"][f"conv{i}"]["kernel"]
-
-        def make():
-            scale, shift = self._folded_norm(i)
-            return {
-                "kernel": pack_kernel(kernel, winograd=winograd),
-                "scale": scale,
-                "shift": shift,
-            }
-
-        packed = packed_entry(self, f"conv{i}", make)
+        packed = packed_entry(self, f"conv{i}", lambda: pack_kernel(kernel, winograd=winograd))
         if packed is not None:
-            check_packed_kernel(packed["kernel"], winograd, f"{self.name}/conv{i}")
-            kernel, scale, shift = packed["kernel"], packed["scale"], packed["shift"]
-        else:
-            scale, shift = self._folded_norm(i)
+            check_packed_kernel(packed, winograd, f"{self.name}/conv{i}")
+            kernel = packed
+        scale, shift = self._folded_norm(i)
         return amx_conv(
             x,
             kernel,

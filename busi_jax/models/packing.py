@@ -2,13 +2,14 @@
 
 Every call of the C++ bf16 convolution (:func:`busi_jax.models.conv.amx_conv`)
 first rounds its float32 kernel to bf16 and reorders it for the vector units
-(Winograd layers: also transforms it, ``G g G^T``), and every folded
-BatchNorm is recomputed from its running statistics. With fixed weights
-that is the same work on every scan: :func:`pack_inference` does it once
-and stores the result as a variable collection, ``'packed'``, that the
+(Winograd layers: also transforms it, ``G g G^T``). With fixed weights that
+is the same work on every scan: :func:`pack_inference` does it once and
+stores the packed kernels as a variable collection, ``'packed'``, that the
 modules read at ``train=False`` instead (the idea of oneDNN's weight
 prepacking or ``torch.jit.freeze``). Outputs are bit for bit those of the
-unpacked variables.
+unpacked variables: the packing is the same C++ code either way, and what
+is computed in float32 from several variables (the folded BatchNorm) stays
+in the traced model, where eager and jitted arithmetic could round apart.
 
     variables = pack_inference(model, variables, jnp.zeros((1, 128, 128, 1)))
     logits = model.apply(variables, x, train=False)
@@ -75,8 +76,7 @@ def pack_inference(model: nn.Module, variables: dict, x: jax.Array) -> dict:
     """``variables`` plus the ``'packed'`` collection for applying ``model`` to inputs like ``x``.
 
     Runs ``model`` once at ``train=False`` on ``x`` with the collection
-    mutable; each bf16-kernel conv stores its packed kernel (and folded
-    BatchNorm) there. Any batch size serves: the packing depends on the
+    mutable; each bf16-kernel conv stores its packed kernel there. Any batch size serves: the packing depends on the
     input's height, width and channels only.
 
     Args:
