@@ -76,8 +76,9 @@ def pack_inference(model: nn.Module, variables: dict, x: jax.Array) -> dict:
     """``variables`` plus the ``'packed'`` collection for applying ``model`` to inputs like ``x``.
 
     Runs ``model`` once at ``train=False`` on ``x`` with the collection
-    mutable; each bf16-kernel conv stores its packed kernel there. Any batch size serves: the packing depends on the
-    input's height, width and channels only.
+    mutable; each bf16-kernel conv stores its packed kernel there. Any batch
+    size serves: the packing depends on the input's height, width and
+    channels only.
 
     Args:
       model: a model from :func:`busi_jax.models.create_model`.
