@@ -703,10 +703,11 @@ def _winograd_bound(x, w):
     [
         (1, 32, 32, 32, 16),  # Bands of tile rows; 16-tile runs, one output block.
         (2, 34, 32, 16, 16),  # 17 tile rows: bands of 2-4, the last shorter; two images.
-        # Small inputs (all tiles transformed first, shared out by runs):
-        (2, 10, 24, 48, 48),  # 5 tile rows; 12 tiles a row: runs of 8 and 4; blocks 2 + 1.
+        (3, 16, 16, 64, 128),  # 8 tiles a row: bands of one or two rows.
+        # Small inputs (bands of under 8 tiles: all tiles transformed first, shared out by runs):
+        (1, 10, 8, 48, 48),  # 5 tile rows of 4: runs of 16 and 4 (8- and 4-tile kernels); NO 2 + 1.
         (1, 8, 8, 16, 32),  # 4 tiles a row.
-        (3, 16, 16, 64, 128),
+        (3, 8, 8, 64, 128),
     ],
 )
 def test_winograd_conv_is_the_conv_within_bf16_roundings(batch, h, w, c, o):

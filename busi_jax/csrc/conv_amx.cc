@@ -713,13 +713,17 @@ BUSI_BF16 void WinogradProducts(const WinogradTiles& tl, const uint16_t* packed,
 //
 // Large inputs: each task takes a band of tile rows of one image through
 // the input transform (into its own v, sized for L2), the products and the
-// output transform. Small ones (v for the whole batch within 1 MB: 8-16 px
-// layers at batch 1: bands of under 32 tiles) have too few tile rows for
+// output transform. Small ones (v for the whole batch within 1 MB, bands
+// of under 8 tiles: 8-px layers at batch 1 to 4) have too few tile rows for
 // that: each band task would read the whole transformed kernel for a few
 // tiles. There the input and
 // kernel transforms run first, shared out by tile row and output block, and
 // then each task takes a pair of output blocks for a run of tiles (all of
-// them where that makes enough tasks).
+// them where that makes enough tasks). That costs a second hand-out to the
+// helpers and moves v between cores: at 16 and 32 px (bands of 8 and 16
+// tiles at batch 1) the band path timed faster on 2 cores despite its
+// kernel re-reads (by a quarter to a third per layer; at 8 px slower), so
+// the cut-off is 8 tiles, no longer 32.
 BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& parts,
                             const void* kernel, bool kernel_bf16, bool prepacked, void* y,
                             const Geometry& g, int64_t batch) {
@@ -737,7 +741,7 @@ BUSI_BF16 void ConvWinograd(ffi::ThreadPool& pool, const std::vector<Part>& part
   const int64_t want = std::max<int64_t>(1, (4 * participants + batch - 1) / batch);
   band = std::min(band, std::max<int64_t>(1, tile_rows_total / want));
   const int64_t tiles = batch * tile_rows_total * nt;
-  if (band * nt < 32 && 16 * tiles * g.C * 2 <= (int64_t{1} << 20)) {
+  if (band * nt < 8 && 16 * tiles * g.C * 2 <= (int64_t{1} << 20)) {
     const int64_t plane = WinogradPlane(tiles, g.C);
     std::vector<uint16_t> v(16 * plane);
     busi::ParallelFor(pool, pack_tasks + batch * tile_rows_total, participants, [&](int64_t t) {
