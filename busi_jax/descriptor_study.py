@@ -242,6 +242,8 @@ def study(
     manual_dir: str,
     multitask_workdir: str | None = None,
     classifier_workdir: str | Sequence[str] | None = None,
+    *,
+    classifier_tta: bool = False,
 ) -> dict:
     """Association, added value and stacking on a BUSI build (see the module docstring).
 
@@ -254,6 +256,8 @@ def study(
             several (a list or a comma-separated string), used instead of the
             pipeline's, fed the segmenter's predicted masks; each one's logit
             joins the stack.
+        classifier_tta: average each CNN's logits over horizontal flips of
+            scan and mask (``evaluate.classifier_logits``).
 
     Returns:
         JSON-able dict: association per descriptor, test AUCs with 95%
@@ -286,7 +290,7 @@ def study(
     cls_dirs = cls_dirs or [cls_dir]
     size = int(config.data.image_size)
     seg = evaluate.segmenter_probs(seg_dir)
-    classifiers = [evaluate.classifier_logits(c) for c in cls_dirs]
+    classifiers = [evaluate.classifier_logits(c, classifier_tta) for c in cls_dirs]
     mt = None
     if multitask_workdir:
         # A run on other splits may have seen this test split.
@@ -395,6 +399,7 @@ def study(
         "segmenter_workdir": str(seg_dir),
         # In stack order: "classifier", then "classifier_1", ...
         "classifier_workdir": [str(c) for c in cls_dirs],
+        "classifier_tta": "horizontal flip averaging of logits" if classifier_tta else "none",
         "postprocess": pp_cfg.describe(),
         "n_lesion_scans": {
             s: sum(r["split"] == s for r in rows) for s in ("train", "validation", "test")
@@ -421,6 +426,9 @@ def main(argv=None) -> None:
         None,
         "Optional classifier run(s) (same splits) scored on the segmenter's masks instead of"
         " the pipeline's classifier; each one's logit joins the stack.",
+    )
+    flags.DEFINE_bool(
+        "classifier_tta", False, "Average each CNN's logits over horizontal flips (scan and mask)."
     )
     flags.DEFINE_list(
         "phantom_seeds", None, "Instead of BUSI: agreement with the truth of these phantom seeds."
@@ -474,6 +482,7 @@ def main(argv=None) -> None:
             FLAGS.manual_dir,
             FLAGS.multitask_workdir,
             FLAGS.classifier_workdir,
+            classifier_tta=FLAGS.classifier_tta,
         )
         busi_io.atomic_write_json(FLAGS.output, out)
         print(out["test_auc"])

@@ -1,7 +1,7 @@
 """Evaluates a training workdir on the test split or on any BUSI-layout folder.
 
     python -m busi_jax.evaluate --workdir=DIR [--data_dir=FOLDER] [--output=FILE.json]
-        [--split=test] [--tta] [--postprocess=auto|none] [--n_boot=1000]
+        [--split=test] [--tta] [--classifier_tta] [--postprocess=auto|none] [--n_boot=1000]
         [--segmenter_workdir=SEG_DIR] [--ensemble=DIR2,DIR3]
 
 DIR may be a segmenter, classifier, multitask or pipeline workdir. One JSON
@@ -150,18 +150,31 @@ def segmenter_probs(workdir, tta: bool = False) -> Callable[[np.ndarray], np.nda
     return lambda images: _batched(prob, [images])
 
 
-def classifier_logits(workdir) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """``(images, masks) [N, S, S, 1] uint8 -> logits [N] (or [N, C])``."""
+def classifier_logits(workdir, tta: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``(images, masks) [N, S, S, 1] uint8 -> logits [N] (or [N, C])``.
+
+    Args:
+      workdir: a classifier run (its best checkpoint).
+      tta: average the logits of each scan and its horizontal mirror (scan
+        and mask mirrored together, before any close-up crop), as the
+        segmenters' ``tta`` averages their probabilities. Logits, not
+        probabilities, so that a temperature fitted afterwards scales both.
+    """
     config, model, variables = inference.load_model(workdir)
     mode = config.classifier.input_mode
 
     @jax.jit
     def logits(images, masks):
-        x = models_lib.classifier_inputs(
-            images.astype(jnp.float32) / 255.0, masks.astype(jnp.float32), mode
-        )
-        out = model.apply(variables, x, train=False)
-        return out.astype(jnp.float32)
+        def once(images, masks):
+            x = models_lib.classifier_inputs(
+                images.astype(jnp.float32) / 255.0, masks.astype(jnp.float32), mode
+            )
+            return model.apply(variables, x, train=False).astype(jnp.float32)
+
+        out = once(images, masks)
+        if tta:  # [N, S, S, 1]: axis 2 is the scan's width.
+            out = (out + once(jnp.flip(images, axis=2), jnp.flip(masks, axis=2))) / 2
+        return out
 
     return lambda images, masks: _batched(logits, [images, masks])
 
@@ -223,10 +236,16 @@ def evaluate(
     plots_enabled: bool = True,
     segmenter_workdir: str | os.PathLike[str] | None = None,
     ensemble: Sequence[str | os.PathLike[str]] = (),
+    classifier_tta: bool = False,
 ) -> dict:
     """Scores ``workdir``'s best checkpoint(s); see the module docstring.
 
     Args:
+      tta: average the segmenter's (or multitask net's) lesion probabilities
+        over horizontal flips.
+      classifier_tta: average the classifier's logits over horizontal flips
+        of scan and mask (:func:`classifier_logits`); validation and test
+        alike, so the temperature is fitted to what is scored.
       segmenter_workdir: a segmenter run whose predicted masks replace those of
         the workdir's own segmenter; a classifier trained on ground-truth masks
         is then scored on these predicted masks (a deployable score).
@@ -242,6 +261,11 @@ def evaluate(
         raise ValueError(f"--postprocess must be 'auto' or 'none', got {postprocess!r}")
     workdir = pathlib.Path(workdir).expanduser()
     parts = resolve(workdir, fold_runs_ok=True)
+    if classifier_tta and not parts["classifier"]:
+        raise ValueError(
+            f"--classifier_tta: {workdir} holds no classifier run (a multitask net's"
+            " flips are --tta)"
+        )
     forced_masks = segmenter_workdir is not None
     if forced_masks:
         if not parts["classifier"]:
@@ -313,7 +337,7 @@ def evaluate(
             run_seg_fns += [segmenter_probs(m, tta) for m in members]
             seg_fn = lambda im: np.mean([f(im) for f in run_seg_fns], axis=0)  # noqa: E731
     if parts["classifier"]:
-        cls_fn = classifier_logits(parts["classifier"])
+        cls_fn = classifier_logits(parts["classifier"], classifier_tta)
 
     report: dict = {"citation": CITATION if not data_dir else None}
     protocol = {
@@ -324,6 +348,7 @@ def evaluate(
             c: int((target["label"] == i).sum()) for i, c in enumerate(busi_io.CLASS_NAMES)
         },
         "tta": "horizontal flip averaging" if tta else "none",
+        "classifier_tta": "horizontal flip averaging of logits" if classifier_tta else "none",
         "segmenter_workdir": os.fspath(parts["segmenter"]) if parts["segmenter"] else None,
         "ensemble": [os.fspath(m) for m in members],
         "tuned_on": (
@@ -659,7 +684,10 @@ def main(argv=None) -> None:
     )
     flags.DEFINE_string("split", "test", "Dataset split scored when --data_dir is not given.")
     flags.DEFINE_string("output", None, "JSON path (default WORKDIR/eval/<split>.json).")
-    flags.DEFINE_bool("tta", False, "Average predictions over horizontal flips.")
+    flags.DEFINE_bool("tta", False, "Average lesion probabilities over horizontal flips.")
+    flags.DEFINE_bool(
+        "classifier_tta", False, "Average the classifier's logits over horizontal flips."
+    )
     flags.DEFINE_enum(
         "postprocess", "auto", ["auto", "none"], "Mask post-processing chosen on validation."
     )
@@ -689,6 +717,7 @@ def main(argv=None) -> None:
             n_boot=FLAGS.n_boot,
             segmenter_workdir=FLAGS.segmenter_workdir,
             ensemble=FLAGS.ensemble,
+            classifier_tta=FLAGS.classifier_tta,
         )
         _print_summary(report)
 

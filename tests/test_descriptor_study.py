@@ -102,8 +102,11 @@ def test_study_stacks_several_classifiers(tiny_pipeline, tiny_data_dir, tmp_path
     shutil.copytree(parts["classifier"], twin)
     real = evaluate.classifier_logits
 
-    def logits(run):
-        f = real(run)
+    flips = []
+
+    def logits(run, tta=False):
+        flips.append(tta)
+        f = real(run, tta)
         return (lambda i, m: -f(i, m)) if pathlib.Path(run) == twin else f
 
     monkeypatch.setattr(evaluate, "classifier_logits", logits)
@@ -121,6 +124,12 @@ def test_study_stacks_several_classifiers(tiny_pipeline, tiny_data_dir, tmp_path
     assert auc["mean_of_stack_inputs"] == pytest.approx(auc["descriptors_logistic"])
     for key in ("classifier", "descriptors_logistic", "classifier_plus_descriptors_logistic"):
         assert auc[key] == one["test_auc"][key]
+    assert flips == [False] * 3 and two["classifier_tta"] == "none"
+    # --classifier_tta reaches every CNN of the stack, and the report says so.
+    flipped = descriptor_study.study(
+        str(parts["segmenter"]), str(manual), classifier_workdir=str(twin), classifier_tta=True
+    )
+    assert flips[3:] == [True] and flipped["classifier_tta"].startswith("horizontal flip")
     with pytest.raises(checkpoints.CheckpointError, match="repeated"):
         descriptor_study.study(
             str(parts["segmenter"]),

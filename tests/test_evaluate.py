@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from busi_jax import evaluate
+from busi_jax import evaluate, inference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -318,3 +318,39 @@ def test_multitask_ensemble_averages_logits_and_probabilities(
     assert report["classification"]["auc"]["mean"] == pytest.approx(0.5)  # all logits 0: ties
     assert report["segmentation"]["pixel_recall"]["mean"] == pytest.approx(1.0)
     assert report["protocol"]["ensemble"] == [os.fspath(member)]
+
+
+def test_classifier_tta_averages_the_logits_of_the_scan_and_its_mirror(tiny_pipeline):
+    _, workdir, _ = tiny_pipeline
+    cls = pathlib.Path(workdir) / "classifier"
+    size = int(inference.load_config(cls).data.image_size)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, size, size, 1), dtype=np.uint8)
+    masks = (rng.random((3, size, size, 1)) > 0.7).astype(np.uint8)
+    plain = evaluate.classifier_logits(cls)
+    flipped = plain(images[:, :, ::-1], masks[:, :, ::-1])
+    tta = evaluate.classifier_logits(cls, tta=True)(images, masks)
+    np.testing.assert_allclose(tta, (plain(images, masks) + flipped) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(tta, plain(images, masks))  # The mirror changes this network's logits.
+    # A scan and mask that are their own mirror image score as without it.
+    half = size // 2
+    sym_i = np.concatenate([images[:, :, :half], images[:, :, :half][:, :, ::-1]], axis=2)
+    sym_m = np.concatenate([masks[:, :, :half], masks[:, :, :half][:, :, ::-1]], axis=2)
+    np.testing.assert_allclose(
+        evaluate.classifier_logits(cls, tta=True)(sym_i, sym_m), plain(sym_i, sym_m), rtol=1e-5
+    )
+
+
+def test_evaluate_with_classifier_tta_records_it(tiny_pipeline, tmp_path):
+    _, workdir, _ = tiny_pipeline
+    kw = dict(n_boot=0, plots_enabled=False)
+    plain = evaluate.evaluate(workdir, output=str(tmp_path / "plain.json"), **kw)
+    tta = evaluate.evaluate(workdir, output=str(tmp_path / "tta.json"), classifier_tta=True, **kw)
+    assert plain["protocol"]["classifier_tta"] == "none"
+    assert tta["protocol"]["classifier_tta"] == "horizontal flip averaging of logits"
+    assert tta["protocol"]["tta"] == "none"  # The masks are the same: only the CNN is flipped.
+    assert tta["segmentation"]["lesion_dice"] == plain["segmentation"]["lesion_dice"]
+    assert 0.0 <= tta["classification"]["auc"]["mean"] <= 1.0
+    # Without a classifier the option is one clear error, not silently ignored.
+    with pytest.raises(ValueError, match="--classifier_tta: .* holds no classifier"):
+        evaluate.evaluate(pathlib.Path(workdir) / "segmenter", classifier_tta=True, **kw)
