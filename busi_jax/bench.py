@@ -92,6 +92,7 @@ ROW_FIELDS = (
     "fraction_of_peak",
     "layout",
     "notes",
+    "round",
 )
 MODELS = ("unetpp", "unet", "sunet")
 JAX_PRECISIONS = ("fp32", "bf16")
@@ -822,6 +823,10 @@ def _amx_row(row: dict) -> bool:
     return "native_amx" in layout or "native_bf16" in layout
 
 
+def _round_label(rnd: int, rounds: int) -> str:
+    return f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
+
+
 def public_row(row: dict) -> dict:
     """The row with exactly :data:`ROW_FIELDS`, in that order."""
     return {k: row.get(k) for k in ROW_FIELDS}
@@ -948,6 +953,7 @@ def run_benchmark(
     jax_wgrad: Sequence[str] = ("xla",),
     jax_winograd: Sequence[bool] = (True,),
     torch_variants: Sequence[tuple[str, str]] = TORCH_VARIANTS,
+    rounds: int = 1,
     with_torch: bool = True,
     matmul_n: int = 2048,
     inprocess: bool = False,
@@ -968,6 +974,10 @@ def run_benchmark(
         jax_winograd: for the bf16 kernels, a row per value of the model's
             ``winograd`` (True and False: Winograd against the direct pass).
         torch_variants: ``(precision, layout)`` PyTorch rows.
+        rounds: every network's rows are timed this many times, JAX first in
+            even rounds and PyTorch first in odd ones; each row carries its
+            ``round`` and the ratios are taken within a round, then their
+            median (see :func:`ratios`).
         with_torch: False skips the PyTorch rows (as does a missing torch).
         matmul_n: side of the square matrices of the peak measurement.
         inprocess: run everything in this process (for tests; peak RSS then
@@ -994,6 +1004,7 @@ def run_benchmark(
         jax_wgrad=list(jax_wgrad),
         jax_winograd=list(jax_winograd),
         torch_variants=[list(v) for v in torch_variants],
+        rounds=rounds,
         loss="dice_bce (bce_weight 0.5)",
         optimizer=f"adam, lr {_LR}",
         augmentation="on, inside the step",
@@ -1044,80 +1055,94 @@ def run_benchmark(
             key = f"{model}_w{width}"
             flax_n = flax_param_count(model, width, depth)
             params[key] = {"flax": flax_n, "pytorch": None}
-            fp32_flops = None
             variants = [
                 (wg, chunks, wino)
                 for wg in jax_wgrad
                 for chunks in (jax_wgrad_chunks if wg == "xla" else (1,))
                 for wino in (jax_winograd if _winograd_runs(wg, True) else (True,))
             ]
-            for prec in jax_precisions:
-                xla_flops = None
-                for wg, chunks, wino in variants:
-                    log(
-                        f"jax {model} w{width} {prec} wgrad={wg} wgrad_chunks={chunks}"
-                        f" winograd={wino}..."
-                    )
+            flops: dict[str, float | None] = {"fp32": None}
+
+            def jax_rows(rnd, model=model, width=width, variants=variants, flops=flops):
+                for prec in jax_precisions:
+                    xla_flops = None
+                    for wg, chunks, wino in variants:
+                        log(
+                            f"jax {model} w{width} {prec} wgrad={wg} wgrad_chunks={chunks}"
+                            f" winograd={wino}{_round_label(rnd, rounds)}..."
+                        )
+                        try:
+                            row = _measure(
+                                "jax",
+                                dict(
+                                    model=model,
+                                    width=width,
+                                    precision=prec,
+                                    wgrad_chunks=chunks,
+                                    wgrad=wg,
+                                    winograd=wino,
+                                    **common,
+                                ),
+                                inprocess,
+                                worker_timeout,
+                                keep_freed_memory,
+                            )
+                            if wg == "xla":
+                                xla_flops = row["gflop_per_step"]
+                            elif xla_flops:  # The compiled count of the same step, as above.
+                                row["gflop_per_step"] = xla_flops
+                            if prec == "fp32":
+                                flops["fp32"] = row["gflop_per_step"]
+                        except Exception as e:  # noqa: BLE001 -- one failed row must not end the run.
+                            log(f"  failed: {e}")
+                            layout = _jax_layout(wg, chunks, wino)
+                            row = _failed_row("jax", model, width, prec, batch, layout, e)
+                        row["round"] = rnd
+                        rows.append(add_fraction_of_peak(row, peaks["peak"]))
+
+            def torch_rows(rnd, model=model, width=width, key=key, flax_n=flax_n, flops=flops):
+                if flops["fp32"] is None and torch_variants:
+                    try:
+                        flops["fp32"] = (
+                            jax_step_flops(
+                                model, width, batch=batch, image_size=image_size, depth=depth
+                            )
+                            / 1e9
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  FLOP count failed: {e}")
+                for prec, layout in torch_variants:
+                    log(f"pytorch {model} w{width} {prec} {layout}{_round_label(rnd, rounds)}...")
                     try:
                         row = _measure(
-                            "jax",
+                            "torch",
                             dict(
                                 model=model,
                                 width=width,
                                 precision=prec,
-                                wgrad_chunks=chunks,
-                                wgrad=wg,
-                                winograd=wino,
+                                layout=layout,
+                                expected_params=flax_n,
                                 **common,
                             ),
                             inprocess,
                             worker_timeout,
                             keep_freed_memory,
                         )
-                        if wg == "xla":
-                            xla_flops = row["gflop_per_step"]
-                        elif xla_flops:  # The compiled count of the same step, as above.
-                            row["gflop_per_step"] = xla_flops
-                        if prec == "fp32":
-                            fp32_flops = row["gflop_per_step"]
-                    except Exception as e:  # noqa: BLE001 -- one failed row must not end the run.
+                        params[key]["pytorch"] = row["_params"]
+                        row["gflop_per_step"] = flops["fp32"]
+                    except Exception as e:  # noqa: BLE001
                         log(f"  failed: {e}")
-                        layout = _jax_layout(wg, chunks, wino)
-                        row = _failed_row("jax", model, width, prec, batch, layout, e)
+                        row = _failed_row("pytorch", model, width, prec, batch, layout, e)
+                    row["round"] = rnd
                     rows.append(add_fraction_of_peak(row, peaks["peak"]))
-            if fp32_flops is None and torch_variants:
-                try:
-                    fp32_flops = (
-                        jax_step_flops(
-                            model, width, batch=batch, image_size=image_size, depth=depth
-                        )
-                        / 1e9
-                    )
-                except Exception as e:  # noqa: BLE001
-                    log(f"  FLOP count failed: {e}")
-            for prec, layout in torch_variants:
-                log(f"pytorch {model} w{width} {prec} {layout}...")
-                try:
-                    row = _measure(
-                        "torch",
-                        dict(
-                            model=model,
-                            width=width,
-                            precision=prec,
-                            layout=layout,
-                            expected_params=flax_n,
-                            **common,
-                        ),
-                        inprocess,
-                        worker_timeout,
-                        keep_freed_memory,
-                    )
-                    params[key]["pytorch"] = row["_params"]
-                    row["gflop_per_step"] = fp32_flops
-                except Exception as e:  # noqa: BLE001
-                    log(f"  failed: {e}")
-                    row = _failed_row("pytorch", model, width, prec, batch, layout, e)
-                rows.append(add_fraction_of_peak(row, peaks["peak"]))
+
+            for rnd in range(rounds):
+                # Odd rounds time PyTorch first: with rounds alternating, a
+                # machine that slows or speeds up over minutes (these VMs
+                # drift 20-30%) favours neither framework.
+                first, second = (jax_rows, torch_rows) if rnd % 2 == 0 else (torch_rows, jax_rows)
+                first(rnd)
+                second(rnd)
     header["param_counts"] = params
     header["ratios"] = ratios(rows)
     header["machine"]["loadavg_end"] = list(os.getloadavg())
@@ -1482,8 +1507,45 @@ def _winograd_runs(wgrad: str, winograd: bool) -> bool:
     return winograd and wgrad in BF16_MODES and avx512_bf16_available() and not amx_available()
 
 
+RATIO_KEYS = (
+    "jax_fp32_over_torch_fp32_channels_last",
+    "jax_best_over_torch_fp32_channels_last",
+    "jax_best_over_torch_bf16",
+)
+
+
 def ratios(rows: Sequence[dict]) -> list[dict]:
-    """Per network: JAX fp32 / PyTorch fp32 channels_last and best JAX / PyTorch bf16 img/s."""
+    """Per network: JAX fp32 / PyTorch fp32 channels_last and best JAX / PyTorch bf16 img/s.
+
+    Rows of several rounds (their ``round`` field) are compared within each
+    round only; each ratio is then the median over rounds, and
+    ``<ratio>_rounds`` lists the per-round values (with one round, no such
+    lists).
+    """
+    by_round: dict[int, list[dict]] = {}
+    for r in rows:
+        by_round.setdefault(r.get("round") or 0, []).append(r)
+    per_round = [_ratios_within(by_round[k]) for k in sorted(by_round)]
+    if len(per_round) <= 1:
+        return per_round[0] if per_round else []
+    out = []
+    for model, width in dict.fromkeys((r["model"], r["width"]) for r in rows):
+        entry: dict[str, Any] = {"model": model, "width": width}
+        for key in RATIO_KEYS:
+            vals = [
+                e[key]
+                for once in per_round
+                for e in once
+                if (e["model"], e["width"]) == (model, width) and e[key] is not None
+            ]
+            entry[key] = statistics.median(vals) if vals else None
+            entry[f"{key}_rounds"] = vals
+        out.append(entry)
+    return out
+
+
+def _ratios_within(rows: Sequence[dict]) -> list[dict]:
+    """:func:`ratios` of rows timed in one round (the best row of each kind)."""
 
     def rate(fw, model, width, prec=None, layout=None, amx=True):
         vals = [
@@ -1557,14 +1619,24 @@ def format_table(result: dict) -> str:
             "" if c["pytorch"] is None else (" match" if c["pytorch"] == c["flax"] else " MISMATCH")
         )
         lines.append(f"  {key}: {c['flax']:,} / {f(c['pytorch'], ',')}{status}")
-    lines.append("ratios (train img/s):")
+    rounds = h.get("settings", {}).get("rounds", 1)
+    lines.append(
+        "ratios (train img/s)"
+        + (f", median over {rounds} rounds [each round's]:" if rounds > 1 else ":")
+    )
+
+    def ratio(r, key):
+        text = f"{f(r.get(key), '.2f')}x"
+        per = r.get(f"{key}_rounds")
+        return text + (" [" + ", ".join(f"{v:.2f}" for v in per) + "]" if per else "")
+
     for r in h.get("ratios", []):
         lines.append(
             f"  {r['model']} w{r['width']}: JAX fp32 / PyTorch fp32 channels_last"
-            f" {f(r['jax_fp32_over_torch_fp32_channels_last'], '.2f')}x;"
+            f" {ratio(r, 'jax_fp32_over_torch_fp32_channels_last')};"
             f" best JAX (bf16 kernels included) / PyTorch fp32 channels_last"
-            f" {f(r.get('jax_best_over_torch_fp32_channels_last'), '.2f')}x;"
-            f" best JAX / PyTorch bf16 {f(r['jax_best_over_torch_bf16'], '.2f')}x"
+            f" {ratio(r, 'jax_best_over_torch_fp32_channels_last')};"
+            f" best JAX / PyTorch bf16 {ratio(r, 'jax_best_over_torch_bf16')}"
         )
     for note in h.get("notes", []):
         lines.append(f"note: {note}")
@@ -1653,6 +1725,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("fp32", "bf16"),
         default="fp32",
         help="--profile's activations: fp32, or bf16 (the bf16 kernels' training setting)",
+    )
+    p.add_argument(
+        "--jax_precisions",
+        type=_csv(str),
+        default=None,
+        help="JAX activation precisions timed, comma list of fp32, bf16 (default both; fp32"
+        " with --quick)",
+    )
+    p.add_argument(
+        "--torch_variants",
+        type=_csv(str),
+        default=None,
+        help="PyTorch rows as precision/layout, comma list of fp32/nchw, fp32/channels_last,"
+        " bf16/channels_last (default all three; the last two with --quick)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every network's rows this many times, JAX and PyTorch first in turn; the"
+        " ratios are taken within each round and their median reported",
     )
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch rows")
     p.add_argument(
@@ -1749,6 +1842,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad or not args.jax_winograd:
         print(f"error: --jax_winograd {bad} not valid; use on, off or on,off", file=sys.stderr)
         return 1
+    jax_precisions = args.jax_precisions or (["fp32"] if args.quick else list(JAX_PRECISIONS))
+    bad = sorted(set(jax_precisions) - set(JAX_PRECISIONS))
+    if bad or not jax_precisions:
+        print(
+            f"error: --jax_precisions {bad} not valid; choose from {list(JAX_PRECISIONS)}",
+            file=sys.stderr,
+        )
+        return 1
+    valid_torch = {f"{p}/{lay}": (p, lay) for p, lay in TORCH_VARIANTS}
+    torch_names = args.torch_variants or [
+        f"{p}/{lay}" for p, lay in (QUICK_TORCH_VARIANTS if args.quick else TORCH_VARIANTS)
+    ]
+    bad = sorted(set(torch_names) - set(valid_torch))
+    if bad or not torch_names:
+        print(
+            f"error: --torch_variants {bad} not valid; choose from {list(valid_torch)}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.rounds < 1:
+        print(f"error: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+        return 1
     result = run_benchmark(
         models,
         widths,
@@ -1758,11 +1873,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps or (3 if args.quick else 6),
         warmup=args.warmup,
         infer_reps=args.infer_reps,
-        jax_precisions=("fp32",) if args.quick else JAX_PRECISIONS,
+        jax_precisions=jax_precisions,
         jax_wgrad_chunks=args.jax_wgrad_chunks,
         jax_wgrad=jax_wgrad,
         jax_winograd=[v == "on" for v in args.jax_winograd],
-        torch_variants=QUICK_TORCH_VARIANTS if args.quick else TORCH_VARIANTS,
+        torch_variants=[valid_torch[n] for n in torch_names],
+        rounds=args.rounds,
         with_torch=not args.no_torch,
         matmul_n=args.matmul_n,
         inprocess=args.inprocess,

@@ -141,6 +141,66 @@ def test_fraction_of_peak_and_ratios():
     assert r["jax_best_over_torch_bf16"] == pytest.approx(4.0)
 
 
+def test_rounds_alternate_the_frameworks_and_take_ratios_within_each(monkeypatch):
+    """--rounds: each round times a network's JAX and PyTorch rows, in turn first; ratios
+    compare rows of one round only, then take the median."""
+    order = []
+    # img/s per round: JAX 30, 20, 24 against PyTorch bf16 20, 25, 24.
+    speed = {"jax": [30.0, 20.0, 24.0], "torch": [20.0, 25.0, 24.0]}
+
+    def fake_measure(kind, spec, *args):
+        if kind == "peaks":
+            return {
+                "jax": {"fp32": 1.0, "bf16": 2.0},
+                "pytorch": None,
+                "peak": {"fp32": 1.0, "bf16": 2.0},
+            }
+        rnd = sum(1 for k in order if k == kind)
+        order.append(kind)
+        row = {
+            "framework": "jax" if kind == "jax" else "pytorch",
+            "model": spec["model"],
+            "width": spec["width"],
+            "precision": spec["precision"],
+            "batch": spec["batch"],
+            "layout": "nhwc" if kind == "jax" else spec["layout"],
+            "train_img_per_s": speed[kind][rnd],
+            "gflop_per_step": 1.0,
+            "_step_s": 1.0,
+        }
+        return {**row, "_params": spec["expected_params"]} if kind == "torch" else row
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    monkeypatch.setattr(bench, "import_torch", lambda: type("Torch", (), {"__version__": "x"}))
+    result = bench.run_benchmark(
+        ["unet"],
+        [4],
+        depth=2,
+        jax_precisions=("bf16",),
+        torch_variants=(("bf16", "channels_last"),),
+        rounds=3,
+        log=lambda s: None,
+    )
+    assert order == ["jax", "torch", "torch", "jax", "jax", "torch"]
+    assert [(r["framework"], r["round"]) for r in result["rows"]] == [
+        ("jax", 0),
+        ("pytorch", 0),
+        ("pytorch", 1),
+        ("jax", 1),
+        ("jax", 2),
+        ("pytorch", 2),
+    ]
+    (r,) = result["header"]["ratios"]
+    assert r["jax_best_over_torch_bf16_rounds"] == pytest.approx([1.5, 0.8, 1.0])
+    # The median of the rounds' ratios, not a ratio of the best rows (30 / 25).
+    assert r["jax_best_over_torch_bf16"] == pytest.approx(1.0)
+    text = bench.format_table(result)
+    assert "median over 3 rounds" in text and "1.00x [1.50, 0.80, 1.00]" in text
+    _refused("--rounds=0", "--rounds must be >= 1")
+    _refused("--jax_precisions=fp16", "--jax_precisions ['fp16'] not valid")
+    _refused("--torch_variants=bf16/nchw", "--torch_variants ['bf16/nchw'] not valid")
+
+
 @pytest.mark.parametrize("model", ["unetpp", "unet", "sunet"])
 @pytest.mark.parametrize("depth", [2, 4])
 def test_torch_twin_has_the_flax_parameter_count(model, depth):
