@@ -1761,6 +1761,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _refuse_choices(flag: str, values: Sequence[str], choices) -> bool:
+    """Prints one error line and returns True where ``values`` is empty or has a non-choice."""
+    bad = sorted(set(values) - set(choices))
+    if bad or not values:
+        print(f"error: {flag} {bad} not valid; choose from {list(choices)}", file=sys.stderr)
+    return bool(bad or not values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args._worker is not None:
@@ -1832,34 +1840,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     quick_kernels = ["xla", "native"] + (["native_bf16"] if bf16_kernels_available() else [])
     jax_wgrad = args.jax_wgrad or (quick_kernels if args.quick else ["xla"])
 
-    bad = sorted(set(jax_wgrad) - set(WGRAD_MODES))
-    if bad:
-        print(
-            f"error: --jax_wgrad {bad} not valid; choose from {list(WGRAD_MODES)}", file=sys.stderr
-        )
+    if _refuse_choices("--jax_wgrad", jax_wgrad, WGRAD_MODES):
         return 1
     bad = sorted(set(args.jax_winograd) - {"on", "off"})
     if bad or not args.jax_winograd:
         print(f"error: --jax_winograd {bad} not valid; use on, off or on,off", file=sys.stderr)
         return 1
     jax_precisions = args.jax_precisions or (["fp32"] if args.quick else list(JAX_PRECISIONS))
-    bad = sorted(set(jax_precisions) - set(JAX_PRECISIONS))
-    if bad or not jax_precisions:
-        print(
-            f"error: --jax_precisions {bad} not valid; choose from {list(JAX_PRECISIONS)}",
-            file=sys.stderr,
-        )
+    if _refuse_choices("--jax_precisions", jax_precisions, JAX_PRECISIONS):
         return 1
     valid_torch = {f"{p}/{lay}": (p, lay) for p, lay in TORCH_VARIANTS}
     torch_names = args.torch_variants or [
         f"{p}/{lay}" for p, lay in (QUICK_TORCH_VARIANTS if args.quick else TORCH_VARIANTS)
     ]
-    bad = sorted(set(torch_names) - set(valid_torch))
-    if bad or not torch_names:
-        print(
-            f"error: --torch_variants {bad} not valid; choose from {list(valid_torch)}",
-            file=sys.stderr,
-        )
+    if _refuse_choices("--torch_variants", torch_names, valid_torch):
         return 1
     if args.rounds < 1:
         print(f"error: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
