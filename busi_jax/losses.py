@@ -117,6 +117,88 @@ def dice_bce_loss(
     return dice_loss(logits, mask, eps) + bce_weight * bce_loss(logits, mask, pos_weight)
 
 
+def tversky_loss(
+    logits: Array,
+    mask: Array,
+    alpha: float = 0.7,
+    beta: float = 0.3,
+    gamma: float = 1.0,
+    eps: float = 1.0,
+) -> Array:
+    """(Focal) Tversky loss, per sample then batch mean.
+
+    ``TI_b = (TP + eps) / (TP + alpha FN + beta FP + eps)`` on sigmoid
+    probabilities (Salehi et al., 2017), ``loss = mean_b (1 - TI_b) ** gamma``
+    (Abraham & Khan, 2019, use ``gamma = 0.75``). ``alpha > beta`` weighs
+    missed lesion pixels above false alarms: recall over precision, for the
+    under-segmentation of faint lesion borders. ``alpha = beta = 0.5`` with
+    ``gamma = 1`` is :func:`dice_loss` with twice this ``eps``. Empty masks
+    behave as there.
+
+    Args:
+      logits: ``[B, H, W, 1]`` logits.
+      mask: ``[B, H, W, 1]`` or ``[B, H, W]`` target.
+      alpha: weight of false negatives.
+      beta: weight of false positives.
+      gamma: focal exponent (> 0); below 1 it raises the loss of samples
+        already close to the target less than that of poor ones.
+      eps: smoothing.
+
+    Returns:
+      Scalar float32 loss in ``[0, 1]``.
+    """
+    logits, mask = _match(logits, mask)
+    p = jax.nn.sigmoid(logits)
+    tp = _per_sample_sum(p * mask)
+    fn = _per_sample_sum((1.0 - p) * mask)
+    fp = _per_sample_sum(p * (1.0 - mask))
+    index = (tp + eps) / (tp + alpha * fn + beta * fp + eps)
+    # The floor keeps d/dx x**gamma finite at a perfect sample when gamma < 1.
+    return jnp.mean(jnp.maximum(1.0 - index, 1e-6) ** gamma)
+
+
+def _lovasz_gradient(gt_sorted: Array) -> Array:
+    """The Lovasz extension's weights for pixels sorted by decreasing error.
+
+    Element ``i`` is the Jaccard loss of the first ``i + 1`` pixels taken as
+    errors minus that of the first ``i`` (Berman et al., CVPR 2018, Alg. 1).
+    """
+    positives = jnp.sum(gt_sorted)
+    intersection = positives - jnp.cumsum(gt_sorted)
+    union = positives + jnp.cumsum(1.0 - gt_sorted)  # >= 1: never 0.
+    jaccard = 1.0 - intersection / union
+    return jnp.concatenate([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+
+
+def lovasz_hinge_loss(logits: Array, mask: Array) -> Array:
+    """Lovasz hinge loss, per image then batch mean (Berman et al., CVPR 2018).
+
+    A convex surrogate of ``1 - IoU`` of the thresholded prediction: the
+    hinge errors ``max(0, 1 - logit * (2y - 1))`` of an image's pixels,
+    sorted in decreasing order, dotted with the Jaccard loss's increments
+    (:func:`_lovasz_gradient`). Where Dice and BCE reward confident pixels
+    on average, this scores the IoU the evaluation reports. On an empty
+    mask it is the largest hinge error (the most confident false positive).
+
+    Args:
+      logits: ``[B, H, W, 1]`` logits (margins: the hinge is at +-1).
+      mask: ``[B, H, W, 1]`` or ``[B, H, W]`` binary target.
+
+    Returns:
+      Scalar float32 loss (0 when every pixel is on its side by margin 1).
+    """
+    logits, mask = _match(logits, mask)
+
+    def one(x, y):
+        errors = 1.0 - x * (2.0 * y - 1.0)
+        order = jnp.argsort(-errors)
+        weights = jax.lax.stop_gradient(_lovasz_gradient(y[order]))
+        return jnp.dot(jax.nn.relu(errors[order]), weights)
+
+    b = logits.shape[0]
+    return jnp.mean(jax.vmap(one)(logits.reshape(b, -1), mask.reshape(b, -1)))
+
+
 def deep_supervision(loss_fn: LossFn, weights: Sequence[float] | Array | None = None) -> LossFn:
     """Wraps a segmentation loss to average it over deep-supervision heads.
 

@@ -147,18 +147,43 @@ class Task:
     metric: str
 
 
+# config.loss for segmenters: a region loss, BCE, or a region loss + bce_weight * BCE.
+SEGMENTATION_LOSSES = ("dice", "tversky", "lovasz", "bce", "dice_bce", "tversky_bce", "lovasz_bce")
+
+
 def segmentation_loss(config: ml_collections.ConfigDict) -> Callable:
     """The pixel loss named by ``config.loss``, wrapped for deep supervision."""
     name = config.loss
-    if name == "dice":
-        fn = losses.dice_loss
+    if name not in SEGMENTATION_LOSSES:
+        raise ConfigError(f"config.loss must be one of {list(SEGMENTATION_LOSSES)}, got {name!r}")
+    region = {
+        "dice": losses.dice_loss,
+        "tversky": functools.partial(
+            losses.tversky_loss,
+            alpha=config.get("tversky_alpha", 0.7),
+            beta=config.get("tversky_beta", 0.3),
+            gamma=config.get("tversky_gamma", 1.0),
+        ),
+        "lovasz": losses.lovasz_hinge_loss,
+    }
+    if name == "bce":
+        fn = losses.bce_loss
     elif name == "dice_bce":
         fn = functools.partial(losses.dice_bce_loss, bce_weight=config.bce_weight)
-    elif name == "bce":
-        fn = losses.bce_loss
+    elif name in region:
+        fn = region[name]
     else:
-        raise ConfigError(f"config.loss must be 'dice', 'dice_bce' or 'bce', got {name!r}")
+        fn = _plus_bce(region[name[: -len("_bce")]], config.bce_weight)
     return losses.deep_supervision(fn, config.get("ds_weights"))
+
+
+def _plus_bce(region_loss: Callable, bce_weight: float) -> Callable:
+    """``region_loss + bce_weight * BCE``, as losses.dice_bce_loss is for Dice."""
+
+    def fn(logits, mask):
+        return region_loss(logits, mask) + bce_weight * losses.bce_loss(logits, mask)
+
+    return fn
 
 
 def _seg_prob(logits):
@@ -279,6 +304,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "model.winograd",
         "must be True or False",
     )
+    if config.task != "classification":
+        need(
+            config.loss in SEGMENTATION_LOSSES,
+            "loss",
+            f"must be one of {', '.join(repr(n) for n in SEGMENTATION_LOSSES)}",
+        )
+    for field in ("tversky_alpha", "tversky_beta"):
+        need(config.get(field, 0.5) >= 0, field, "must be >= 0")
+    need(config.get("tversky_gamma", 1.0) > 0, "tversky_gamma", "must be > 0")
     need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(config.grad_clip >= 0, "grad_clip", "must be >= 0")
     need(0 < config.threshold < 1, "threshold", "must lie in (0, 1)")

@@ -40,8 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
     # gradients by Winograd F(2x2, 3x3) (faster; within bf16 rounding of the direct pass).
     config.model.winograd = True
 
-    config.loss = "dice"  # 'dice' (paper) | 'dice_bce' | 'bce'.
-    config.bce_weight = 0.5  # BCE weight in 'dice_bce'.
+    # 'dice' (paper) | 'tversky' | 'lovasz' | 'bce', or 'dice_bce' / 'tversky_bce' / 'lovasz_bce'.
+    config.loss = "dice"  # Segmentation loss.
+    config.bce_weight = 0.5  # BCE weight in the '*_bce' losses.
+    config.tversky_alpha = 0.7  # Tversky: weight of missed lesion pixels (false negatives).
+    config.tversky_beta = 0.3  # Tversky: weight of false positives.
+    config.tversky_gamma = 1.0  # Tversky: focal exponent (0.75 in Abraham & Khan 2019; 1 = plain).
     config.ds_weights = ml_collections.config_dict.placeholder(
         tuple
     )  # Deep-supervision head weights; None = equal.

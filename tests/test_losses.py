@@ -194,3 +194,80 @@ def test_classification_softmax_ce():
     ) == (pytest.approx(smooth.mean(), rel=1e-5))
     with pytest.raises(ValueError):
         losses.classification_ce_loss(jnp.zeros(3), jnp.zeros(3, jnp.int32))
+
+
+# ------------------------------------------------------------------ Tversky
+
+
+def test_tversky_with_equal_weights_is_dice():
+    logits = jax.random.normal(jax.random.key(0), (3, 8, 8, 1)) * 3
+    mask = (jax.random.uniform(jax.random.key(1), (3, 8, 8, 1)) > 0.6).astype(jnp.float32)
+    got = losses.tversky_loss(logits, mask, alpha=0.5, beta=0.5, gamma=1.0, eps=0.5)
+    assert float(got) == pytest.approx(float(losses.dice_loss(logits, mask, eps=1.0)), rel=1e-6)
+
+
+def test_tversky_weighs_missed_pixels_above_false_alarms():
+    m = _mask([[0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    missed = _confident(_mask([[0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    extra = _confident(_mask([[0, 1, 1, 0], [0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]]))
+    # Two lesion pixels missed (TP 2, FN 2) or two false alarms (TP 4, FP 2):
+    # TI = (2 + 1) / (2 + 0.7 * 2 + 1) and (4 + 1) / (4 + 0.3 * 2 + 1).
+    assert float(losses.tversky_loss(missed, m)) == pytest.approx(1 - 3 / 4.4, abs=1e-5)
+    assert float(losses.tversky_loss(extra, m)) == pytest.approx(1 - 5 / 5.6, abs=1e-5)
+    # Weights swapped, false alarms cost more than misses.
+    swapped = {"alpha": 0.3, "beta": 0.7}
+    assert float(losses.tversky_loss(missed, m, **swapped)) == pytest.approx(1 - 3 / 3.6, abs=1e-5)
+    assert float(losses.tversky_loss(extra, m, **swapped)) == pytest.approx(1 - 5 / 6.4, abs=1e-5)
+
+
+def test_focal_tversky_raises_to_gamma_and_stays_finite_at_a_perfect_sample():
+    m = _mask([[0, 1, 1], [0, 1, 0], [0, 0, 0]])
+    logits = jnp.where(m > 0.5, 1.0, -1.0)
+    plain = float(losses.tversky_loss(logits, m))
+    assert float(losses.tversky_loss(logits, m, gamma=0.75)) == pytest.approx(plain**0.75, rel=1e-5)
+    g = jax.grad(lambda x: losses.tversky_loss(x, m, gamma=0.75))(_confident(m))
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+# ------------------------------------------------------------------- Lovasz
+
+
+def _lovasz_by_definition(logits, labels):
+    """The Lovasz extension of the Jaccard loss at the hinge errors, from its definition:
+    sort errors down, weight each by how much IoU loss flipping one more pixel adds."""
+    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    order = np.argsort(-errors, kind="stable")
+
+    def jaccard_loss(k):  # The first k pixels in error order predicted wrongly.
+        pred = labels.copy()
+        pred[order[:k]] = 1 - pred[order[:k]]
+        union = np.sum((pred + labels) > 0)
+        return 0.0 if union == 0 else 1.0 - np.sum(pred * labels) / union
+
+    steps = [jaccard_loss(k + 1) - jaccard_loss(k) for k in range(len(labels))]
+    return float(np.dot(np.maximum(errors[order], 0.0), steps))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lovasz_hinge_is_the_lovasz_extension_per_image(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(2, 3, 4)).astype(np.float32) * 2
+    labels = (rng.uniform(size=(2, 3, 4)) > 0.5).astype(np.float32)
+    labels[1] = 0  # An empty mask: only the worst false positive counts.
+    want = np.mean([_lovasz_by_definition(x.ravel(), y.ravel()) for x, y in zip(logits, labels)])
+    got = losses.lovasz_hinge_loss(jnp.asarray(logits)[..., None], jnp.asarray(labels))
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    assert _lovasz_by_definition(logits[1].ravel(), labels[1].ravel()) == pytest.approx(
+        max(0.0, 1.0 + float(logits[1].max()))
+    )
+
+
+def test_lovasz_hinge_zero_beyond_the_margin_and_trainable():
+    m = _mask([[0, 1, 1], [0, 1, 0], [0, 0, 0]])
+    assert float(losses.lovasz_hinge_loss(jnp.where(m > 0.5, 2.0, -2.0), m)) == 0.0
+    logits = jnp.zeros_like(m)
+    loss_fn = jax.jit(losses.lovasz_hinge_loss)
+    g = jax.grad(loss_fn)(logits, m)
+    # Descending the gradient raises lesion logits and lowers background ones.
+    assert bool(jnp.all(g[m > 0.5] < 0)) and bool(jnp.all(g[m < 0.5] >= 0))
+    assert float(loss_fn(logits - 0.5 * g, m)) < float(loss_fn(logits, m))

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from busi_jax import train
+from busi_jax import losses, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -164,6 +166,9 @@ def test_native_wgrad_without_compiler_is_a_config_error(tiny_config, tmp_path, 
         ("num_epochs", 0, "positive"),
         ("schedule", "linear", "must be"),
         ("ema_decay", 1.0, "must lie in"),
+        ("loss", "focal", "must be one of 'dice', 'tversky', 'lovasz'"),
+        ("tversky_alpha", -0.1, "must be >= 0"),
+        ("tversky_gamma", 0.0, "must be > 0"),
     ],
 )
 def test_bad_config_values(tiny_config, tmp_path, field, value, msg):
@@ -447,3 +452,27 @@ def test_train_step_ema_follows_the_warmed_up_decay(tiny_config):
     expect = 0.1 * leaf(state.params) + 0.9 * leaf(new.params)
     np.testing.assert_allclose(leaf(new.ema_params), expect, rtol=1e-5, atol=1e-7)
     assert not np.allclose(leaf(new.params), leaf(state.params))
+
+
+@pytest.mark.parametrize("name", train.SEGMENTATION_LOSSES)
+def test_every_segmentation_loss_name_builds_its_loss(name):
+    """config.loss: a region loss, BCE, or '<region>_bce' = region + bce_weight * BCE."""
+    from configs import default
+
+    config = default.get_config()
+    config.loss = name
+    config.bce_weight = 0.25
+    logits = jax.random.normal(jax.random.key(0), (2, 8, 8, 1)) * 2
+    mask = (jax.random.uniform(jax.random.key(1), (2, 8, 8, 1)) > 0.5).astype(jnp.float32)
+    bce = float(losses.bce_loss(logits, mask))
+    region = {
+        "dice": losses.dice_loss,
+        "tversky": losses.tversky_loss,
+        "lovasz": losses.lovasz_hinge_loss,
+    }
+    base = name.removesuffix("_bce")
+    want = bce if name == "bce" else float(region[base](logits, mask))
+    if name.endswith("_bce"):
+        want += 0.25 * bce
+    got = jax.jit(train.segmentation_loss(config))(logits, mask)
+    assert float(got) == pytest.approx(want, rel=1e-6)
