@@ -800,6 +800,50 @@ def data_identity(data: ml_collections.ConfigDict, ignore_fold: bool = False) ->
     return {k: v for k, v in value.items() if not (ignore_fold and k == "cv_fold")}
 
 
+def warm_start(state: TrainState, source: str | os.PathLike[str], fingerprint: dict) -> TrainState:
+    """``state`` with the weights of another run's best checkpoint (fine-tuning).
+
+    Parameters and BatchNorm statistics come from ``source``'s best
+    checkpoint (its EMA weights where it kept an EMA); the step, optimizer
+    state and PRNG key stay ``state``'s (a fresh run's), and the EMA starts
+    from the loaded weights.
+
+    Args:
+        state: a freshly initialised state of the same model.
+        source: a training workdir.
+        fingerprint: ``data.fingerprint`` of this run's data: ``source`` must
+            have trained on the same split, or its weights would carry this
+            run's validation or test scans into it.
+
+    Raises:
+        ConfigError: ``source`` is not a finished training workdir, trained
+            on other scans, or holds another model's weights.
+    """
+    src = pathlib.Path(source).expanduser().absolute()
+    if not (src / "checkpoints" / "best").is_dir():
+        raise ConfigError(f"config.init_from={str(source)!r}: no best checkpoint in {src}")
+    fp_path = src / DATA_FINGERPRINT
+    if not fp_path.exists() or json.loads(fp_path.read_text()) != fingerprint:
+        raise ConfigError(
+            f"config.init_from={str(source)!r}: that run trained on another split or other scans"
+            " than this one (its data fingerprint differs), so its weights may have seen this"
+            " run's validation or test scans"
+        )
+    ckpts = ckpt_lib.Checkpoints(src)
+    try:
+        weights, _ = ckpts.restore_best({"params": state.params, "batch_stats": state.batch_stats})
+    except ckpt_lib.CheckpointError as e:
+        why = str(e).split(" Was it written")[0]  # Its advice is about --workdir.
+        raise ConfigError(f"config.init_from={str(source)!r}: {why}") from None
+    finally:
+        ckpts.close()
+    # A copy: the step donates params and ema_params, which must not share buffers.
+    ema = jax.tree.map(jnp.copy, weights["params"])
+    return state.replace(
+        params=weights["params"], batch_stats=weights["batch_stats"], ema_params=ema
+    )
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike[str],
@@ -858,9 +902,6 @@ def train_and_evaluate(
         raise ConfigError(
             f"config.batch_size={config.batch_size} exceeds the {n_train} training scans"
         )
-    # The data are loaded before the workdir is touched, so a missing or bad
-    # dataset (or a bad segmenter_workdir) leaves nothing behind.
-    workdir = check_workdir(workdir, config, data_fingerprint(config.data))
     steps_per_epoch = n_train // config.batch_size
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -879,6 +920,14 @@ def train_and_evaluate(
     first = {k: v[:1] for k, v in train_dev.items()}
     state = jax.jit(functools.partial(init_state, task, tx))(first, init_key, state_key)
     state = jax.device_put(state, replicated)
+    fingerprint = data_fingerprint(config.data)
+    warm = None
+    if config.get("init_from"):
+        warm = jax.device_put(warm_start(state, config.init_from, fingerprint), replicated)
+    # The data (and any init_from weights) are loaded before the workdir is
+    # touched, so a missing or bad dataset, segmenter_workdir or init_from
+    # leaves nothing behind.
+    workdir = check_workdir(workdir, config, fingerprint)
 
     ckpts = ckpt_lib.Checkpoints(workdir, task.metric, config.keep_best)
     meta = {
@@ -889,6 +938,8 @@ def train_and_evaluate(
         "stopped": False,
     }
     restored = ckpts.restore_latest(state)
+    if restored is None and warm is not None:
+        state = warm
     if restored is not None:
         state, meta = restored
         state = jax.device_put(state, replicated)

@@ -10,6 +10,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "segmentation"  # 'segmentation' | 'classification' | 'multitask' | 'pipeline'.
     config.seed = 0  # Seeds initialisation, data order, augmentation and dropout.
+    # Fine-tuning: start from that training workdir's best weights (same split; fresh optimizer).
+    config.init_from = ml_collections.config_dict.placeholder(str)  # None: random init.
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "busi"  # 'busi' (needs a manual dir) or 'synthetic' (built-in phantoms).

@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from busi_jax import losses, train
@@ -476,3 +477,49 @@ def test_every_segmentation_loss_name_builds_its_loss(name):
         want += 0.25 * bce
     got = jax.jit(train.segmentation_loss(config))(logits, mask)
     assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+def test_init_from_starts_at_another_runs_best_weights(tiny_pipeline, tiny_data_dir, tmp_path):
+    """config.init_from: fine-tuning starts at the source run's best weights, not at random."""
+    from busi_jax import inference
+
+    from conftest import tiny_demo_config
+
+    _, pipeline_dir, _ = tiny_pipeline
+    source = pipeline_dir / "segmenter"
+    _, _, want = inference.load_model(source)
+    config = tiny_demo_config(tiny_data_dir, epochs=1)
+    config.learning_rate = 1e-9  # Adam steps ~ the learning rate: the weights barely move.
+    config.init_from = str(source)
+    train.train_and_evaluate(config, tmp_path / "tuned")
+    _, _, got = inference.load_model(tmp_path / "tuned")
+    for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(want["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    config.init_from = None  # The same run from a random start ends elsewhere.
+    train.train_and_evaluate(config, tmp_path / "fresh")
+    _, _, fresh = inference.load_model(tmp_path / "fresh")
+    assert not np.allclose(jax.tree.leaves(fresh["params"])[0], jax.tree.leaves(want["params"])[0])
+
+
+def test_init_from_refuses_what_it_cannot_use(tiny_pipeline, tiny_data_dir, tmp_path):
+    """A missing source, one trained on other scans, or another model's weights: one error,
+    and the new workdir stays empty."""
+    from conftest import tiny_demo_config
+
+    _, pipeline_dir, _ = tiny_pipeline
+    other_split = tmp_path / "other_split"
+    shutil.copytree(pipeline_dir / "segmenter", other_split)
+    fp = json.loads((other_split / train.DATA_FINGERPRINT).read_text())
+    (other_split / train.DATA_FINGERPRINT).write_text(json.dumps({**fp, "train": "another"}))
+    cases = [
+        (tmp_path / "nowhere", {}, "no best checkpoint"),
+        (other_split, {}, "trained on another split"),
+        (pipeline_dir / "segmenter", {"features": 8}, "does not fit"),
+    ]
+    for i, (source, model, message) in enumerate(cases):
+        config = tiny_demo_config(tiny_data_dir, epochs=1)
+        config.model.update(model)
+        config.init_from = str(source)
+        with pytest.raises(train.ConfigError, match=f"config.init_from=.*{message}"):
+            train.train_and_evaluate(config, tmp_path / f"run{i}")
+        assert not (tmp_path / f"run{i}").exists()
