@@ -149,6 +149,12 @@ class Task:
 
 # config.loss for segmenters: a region loss, BCE, or a region loss + bce_weight * BCE.
 SEGMENTATION_LOSSES = ("dice", "tversky", "lovasz", "bce", "dice_bce", "tversky_bce", "lovasz_bce")
+# Tversky settings where a config predates them (configs/default.py sets the same).
+TVERSKY_DEFAULTS = {"tversky_alpha": 0.7, "tversky_beta": 0.3, "tversky_gamma": 1.0}
+
+
+def _tversky(config: ml_collections.ConfigDict, field: str) -> float:
+    return config.get(field, TVERSKY_DEFAULTS[field])
 
 
 def segmentation_loss(config: ml_collections.ConfigDict) -> Callable:
@@ -160,9 +166,9 @@ def segmentation_loss(config: ml_collections.ConfigDict) -> Callable:
         "dice": losses.dice_loss,
         "tversky": functools.partial(
             losses.tversky_loss,
-            alpha=config.get("tversky_alpha", 0.7),
-            beta=config.get("tversky_beta", 0.3),
-            gamma=config.get("tversky_gamma", 1.0),
+            alpha=_tversky(config, "tversky_alpha"),
+            beta=_tversky(config, "tversky_beta"),
+            gamma=_tversky(config, "tversky_gamma"),
         ),
         "lovasz": losses.lovasz_hinge_loss,
     }
@@ -311,8 +317,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"must be one of {', '.join(repr(n) for n in SEGMENTATION_LOSSES)}",
         )
     for field in ("tversky_alpha", "tversky_beta"):
-        need(config.get(field, 0.5) >= 0, field, "must be >= 0")
-    need(config.get("tversky_gamma", 1.0) > 0, "tversky_gamma", "must be > 0")
+        need(_tversky(config, field) >= 0, field, "must be >= 0")
+    need(_tversky(config, "tversky_gamma") > 0, "tversky_gamma", "must be > 0")
     need(config.weight_decay >= 0, "weight_decay", "must be >= 0")
     need(config.grad_clip >= 0, "grad_clip", "must be >= 0")
     need(0 < config.threshold < 1, "threshold", "must lie in (0, 1)")
