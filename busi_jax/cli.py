@@ -17,10 +17,11 @@ from busi_jax import io
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from busi_jax import train
+    from busi_jax import compare, train
 
     return (
         io.BusiDataError,
+        compare.CompareError,
         data.DataConfigError,
         train.ConfigError,
         train.TrainingDiverged,

@@ -404,6 +404,8 @@ def evaluate(
         seg_report = evalmetrics.segmentation_report(pred_masks, truth, n_boot=n_boot)
         scores = seg_report.pop("per_scan")
         report["segmentation"] = seg_report
+        # Which rows count for lesion Dice, so a CSV alone can be compared (busi_jax.compare).
+        per_scan["lesion"] = truth.any(axis=(1, 2)).astype(int)
         per_scan["dice"] = scores["dice"]
         per_scan["iou"] = scores["iou"]
         per_scan["hd95"] = scores["hd95"]

@@ -38,7 +38,12 @@ def test_evaluate_pipeline_on_test_split(tiny_pipeline, tmp_path):
     assert "Data in Brief 28" in saved["citation"]
     rows = list(csv.DictReader((tmp_path / "eval" / "report_per_scan.csv").open()))
     assert len(rows) == sum(proto["scans_per_class"].values())
-    assert {"file", "class", "dice", "iou", "malignancy_probability"} <= set(rows[0])
+    assert {"file", "class", "lesion", "dice", "iou", "malignancy_probability"} <= set(rows[0])
+    lesion = [r for r in rows if r["lesion"] == "1"]
+    assert len(lesion) == seg["n_lesion_scans"]
+    assert np.mean([float(r["dice"]) for r in lesion]) == pytest.approx(
+        seg["lesion_dice"]["mean"], abs=1e-5
+    )
     for name in (
         "contours",
         "pixel_confusion",
