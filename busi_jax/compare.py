@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -76,9 +77,12 @@ def per_scan_csv(run: str | pathlib.Path, split: str = "test") -> pathlib.Path:
 
 def _float(value: str, path: pathlib.Path, line: int, column: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise CompareError(f"{path}: line {line}: {column} {value!r} is not a number") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise CompareError(f"{path}: line {line}: {column} {value!r} is not a number")
+    return number
 
 
 def load_per_scan(run: str | pathlib.Path, split: str = "test") -> PerScan:
@@ -89,7 +93,7 @@ def load_per_scan(run: str | pathlib.Path, split: str = "test") -> PerScan:
 
     Raises:
       CompareError: the CSV is missing, lacks a column, repeats a file, holds
-        no rows, or has a value that is not a number.
+        no rows, is not text, or has a value that is not a finite number.
     """
     path = per_scan_csv(run, split)
     if not path.is_file():
@@ -99,15 +103,18 @@ def load_per_scan(run: str | pathlib.Path, split: str = "test") -> PerScan:
             else f"; run `python -m busi_jax.evaluate --workdir={run} --split={split}` first"
         )
         raise CompareError(f"{path}: no per-scan CSV{hint}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [c for c in ("file", "class", "dice", "iou") if c not in header]
-        if missing:
-            raise CompareError(
-                f"{path}: missing column(s) {missing} (a segmenter's evaluation has them)"
-            )
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CompareError(f"{path}: not a readable CSV ({e})") from None
+    missing = [c for c in ("file", "class", "dice", "iou") if c not in header]
+    if missing:
+        raise CompareError(
+            f"{path}: missing column(s) {missing} (a segmenter's evaluation has them)"
+        )
     if not rows:
         raise CompareError(f"{path}: no scans")
     has_lesion_column = "lesion" in header

@@ -114,6 +114,11 @@ def test_the_split_picks_the_csv(tmp_path):
             lambda p: p.write_text("file,class,dice,iou\nx.png,benign,oops,0.3\n"),
             "line 2: dice 'oops' is not a number",
         ),
+        (
+            lambda p: p.write_text("file,class,dice,iou\nx.png,benign,0.5,nan\n"),
+            "line 2: iou 'nan' is not a number",
+        ),
+        (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe"), "not a readable CSV"),
     ],
 )
 def test_bad_csvs_name_the_file_and_the_problem(tmp_path, mutate, match):
