@@ -22,6 +22,10 @@ not empty) and ``dice_all`` (every scan, the empty-mask rule of
   interval, and on how many scans B is higher, lower or level;
 * pooled: B - A averaged over pairs and scans, with the interval of the same
   bootstrap (scans resampled once for all pairs).
+
+Where every CSV also holds ``malignancy_probability`` (an evaluation with a
+classifier), ``auc`` (benign vs malignant) is compared the same way, the
+bootstrap stratified by class as :mod:`busi_jax.evalmetrics` does for AUC.
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 from busi_jax import evalmetrics
 from busi_jax import io as busi_io
 
 METRICS = ("lesion_dice", "lesion_iou", "dice_all")
+PROBABILITY = "malignancy_probability"
+# The classes benign-vs-malignant AUC is scored on ("malignant" is positive).
+CLASSES_SCORED = ("benign", "malignant")
 # A scan is "level" when the two runs' scores differ by less than this.
 TIE = 1e-6
 
@@ -57,6 +65,9 @@ class PerScan:
       dice: ``[N]`` Dice per scan (empty-mask rule on lesion-free scans).
       iou: ``[N]`` IoU per scan.
       lesion_rule: how ``lesion`` was read (a column, or the class folder).
+      classes: ``[N]`` class folder names.
+      probability: ``[N]`` malignancy probability (NaN where not given, as
+        on normal scans), or None when the CSV has no such column.
     """
 
     source: str
@@ -65,6 +76,8 @@ class PerScan:
     dice: np.ndarray
     iou: np.ndarray
     lesion_rule: str
+    classes: tuple[str, ...] = ()
+    probability: np.ndarray | None = None
 
 
 def per_scan_csv(run: str | pathlib.Path, split: str = "test") -> pathlib.Path:
@@ -118,6 +131,7 @@ def load_per_scan(run: str | pathlib.Path, split: str = "test") -> PerScan:
     if not rows:
         raise CompareError(f"{path}: no scans")
     has_lesion_column = "lesion" in header
+    has_probability = PROBABILITY in header
     records = {}
     for line, row in enumerate(rows, start=2):
         name = row["file"]
@@ -128,13 +142,18 @@ def load_per_scan(run: str | pathlib.Path, split: str = "test") -> PerScan:
             if has_lesion_column
             else row["class"] != "normal"
         )
+        # Normal scans get no malignancy probability; a scored class must have one.
+        prob = row.get(PROBABILITY, "")
+        scored = row["class"] in CLASSES_SCORED
         records[name] = (
+            row["class"],
             lesion,
             _float(row["dice"], path, line, "dice"),
             _float(row["iou"], path, line, "iou"),
+            _float(prob, path, line, PROBABILITY) if has_probability and scored else math.nan,
         )
     files = tuple(sorted(records))
-    values = np.array([records[f] for f in files], dtype=np.float64)
+    values = np.array([records[f][1:] for f in files], dtype=np.float64)
     return PerScan(
         source=str(path),
         files=files,
@@ -142,6 +161,8 @@ def load_per_scan(run: str | pathlib.Path, split: str = "test") -> PerScan:
         dice=values[:, 1],
         iou=values[:, 2],
         lesion_rule="the CSV's lesion column" if has_lesion_column else "class is not normal",
+        classes=tuple(records[f][0] for f in files),
+        probability=values[:, 3] if has_probability else None,
     )
 
 
@@ -204,6 +225,83 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
     return {**pooled, "per_pair": per_pair}
 
 
+def _auc_last_axis(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """AUC (Mann-Whitney, ties counted half) along the last axis.
+
+    Args:
+      scores: ``[..., N]``.
+      positive: ``[..., N]`` bool, broadcastable to ``scores``, with the same
+        number of positives in every row (a stratified resample keeps it).
+
+    Returns:
+      ``[...]`` AUCs.
+    """
+    positive = np.broadcast_to(positive, scores.shape)
+    ranks = stats.rankdata(scores, axis=-1)
+    n_pos = positive.sum(axis=-1)
+    n_neg = positive.shape[-1] - n_pos
+    u = np.where(positive, ranks, 0.0).sum(axis=-1) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def paired_auc_difference(
+    a: np.ndarray, b: np.ndarray, malignant: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> dict:
+    """AUC of B minus AUC of A, per pair and averaged, with a paired bootstrap.
+
+    Args:
+      a, b: ``[P, N]`` malignancy probabilities of P run pairs on N lesion scans.
+      malignant: ``[N]`` bool labels; both classes must be present.
+      n_boot: resamples, stratified by label (class counts fixed, so AUC is
+        always defined) and shared by every run.
+      seed: resampling seed.
+
+    Returns:
+      ``{"mean", "ci95", "per_pair"}`` as :func:`paired_difference`.
+    """
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    malignant = np.asarray(malignant, bool)
+    idx = evalmetrics.bootstrap_indices(len(malignant), n_boot, seed, strata=malignant)
+    labels = malignant[idx]  # [n_boot, N]
+    diff_point = _auc_last_axis(b, malignant) - _auc_last_axis(a, malignant)  # [P]
+    diff_boot = _auc_last_axis(b[:, idx], labels) - _auc_last_axis(a[:, idx], labels)
+
+    def summary(point, boot):
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        return {"mean": float(point), "ci95": [float(lo), float(hi)]}
+
+    per_pair = [summary(p, d) for p, d in zip(diff_point, diff_boot)]
+    return {**summary(diff_point.mean(), diff_boot.mean(axis=0)), "per_pair": per_pair}
+
+
+def _auc_report(a: Sequence[PerScan], b: Sequence[PerScan], n_boot: int, seed: int) -> dict:
+    missing = [r.source for r in (*a, *b) if r.probability is None]
+    if missing:
+        return {"not_compared": f"no {PROBABILITY} column in {missing[0]}"}
+    first = a[0]
+    rows = np.array([c in CLASSES_SCORED for c in first.classes])
+    malignant = np.array([c == "malignant" for c in first.classes])[rows]
+    if malignant.all() or not malignant.any():
+        return {"not_compared": "benign and malignant scans are both needed"}
+    for run in (*a, *b):
+        if run.classes != first.classes:
+            i = next(i for i, (x, y) in enumerate(zip(run.classes, first.classes)) if x != y)
+            raise CompareError(
+                f"{run.source} and {first.source} disagree on the class of {first.files[i]!r}"
+            )
+    pa = np.stack([r.probability[rows] for r in a])
+    pb = np.stack([r.probability[rows] for r in b])
+    return {
+        "n_scans": int(rows.sum()),
+        "n_malignant": int(malignant.sum()),
+        "bootstrap": f"{evalmetrics.CLS_BOOTSTRAP}, the same resamples for every run (paired)",
+        "a_mean": _auc_last_axis(pa, malignant).tolist(),
+        "b_mean": _auc_last_axis(pb, malignant).tolist(),
+        "difference": paired_auc_difference(pa, pb, malignant, n_boot=n_boot, seed=seed),
+    }
+
+
 def compare(
     a_runs: Sequence[str | pathlib.Path],
     b_runs: Sequence[str | pathlib.Path],
@@ -264,6 +362,7 @@ def compare(
             "b_lower": (diff < -TIE).sum(axis=1).tolist(),
             "level": (np.abs(diff) <= TIE).sum(axis=1).tolist(),
         }
+    report["auc"] = _auc_report(a, b, n_boot, seed)
     return evalmetrics.to_jsonable(report)
 
 
@@ -289,6 +388,20 @@ def format_report(report: Mapping) -> str:
                 f"  B higher on {m['b_higher'][i]}, lower on {m['b_lower'][i]},"
                 f" level on {m['level'][i]}"
             )
+    auc = report.get("auc", {})
+    if "difference" in auc:
+        d = auc["difference"]
+        lines.append(
+            f"auc (benign vs malignant, {auc['n_scans']} scans): B - A = {d['mean']:+.4f}"
+            f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]; {auc['bootstrap']}"
+        )
+        for i, pair in enumerate(d["per_pair"]):
+            lines.append(
+                f"  pair {i}: A {auc['a_mean'][i]:.4f}  B {auc['b_mean'][i]:.4f}"
+                f"  B - A {pair['mean']:+.4f} [{pair['ci95'][0]:+.4f}, {pair['ci95'][1]:+.4f}]"
+            )
+    elif auc:
+        lines.append(f"auc: not compared ({auc['not_compared']})")
     return "\n".join(lines)
 
 

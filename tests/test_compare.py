@@ -177,3 +177,65 @@ def test_command_line_prints_the_table_and_writes_json(tmp_path):
     )
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+
+
+def _write_cls_run(folder, classes, probs, split="test"):
+    """A fake evaluated classifier workdir: per-scan probabilities (none on normal scans)."""
+    path = folder / "eval" / f"{split}_per_scan.csv"
+    path.parent.mkdir(parents=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "class", "lesion", "dice", "iou", "malignancy_probability"])
+        for i, (c, p) in enumerate(zip(classes, probs)):
+            prob = "" if p is None else f"{p:.6f}"
+            w.writerow([f"{c}/{c} ({i}).png", c, int(c != "normal"), "0.5", "0.3", prob])
+    return folder
+
+
+def test_auc_ranks_match_the_metrics_module_with_ties():
+    from busi_jax import metrics
+
+    rng = np.random.default_rng(1)
+    scores = np.round(rng.random((4, 30)), 1)  # Many ties.
+    labels = rng.random(30) > 0.6
+    got = compare._auc_last_axis(scores, labels)
+    assert got == pytest.approx([metrics.roc_auc(s, labels) for s in scores], abs=1e-12)
+
+
+def test_auc_difference_known_answer_and_identical_runs(tmp_path):
+    rng = np.random.default_rng(2)
+    classes = ["benign"] * 12 + ["malignant"] * 8 + ["normal"] * 3
+    y = np.array([c == "malignant" for c in classes[:20]])
+    noisy = list(np.clip(y * 0.3 + rng.random(20) * 0.7, 0, 1)) + [None] * 3
+    perfect = list(np.where(y, 0.9, 0.1)) + [None] * 3
+    a = _write_cls_run(tmp_path / "a", classes, noisy)
+    b = _write_cls_run(tmp_path / "b", classes, perfect)
+    auc = compare.compare([a], [b], n_boot=300)["auc"]
+    from busi_jax import metrics
+
+    expected_a = metrics.roc_auc(np.array(noisy[:20], float), y)
+    assert auc["n_scans"] == 20 and auc["n_malignant"] == 8
+    assert auc["a_mean"] == pytest.approx([expected_a]) and auc["b_mean"] == [1.0]
+    d = auc["difference"]
+    assert d["mean"] == pytest.approx(1.0 - expected_a)
+    assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert d["ci95"][0] >= 0.0  # B is perfect on every resample.
+    same = compare.compare([a, b], [a, b], n_boot=100)["auc"]["difference"]
+    assert same["mean"] == 0.0 and same["ci95"] == [0.0, 0.0]
+    assert "auc (benign vs malignant, 20 scans): B - A" in compare.format_report(
+        compare.compare([a], [b], n_boot=50)
+    )
+
+
+def test_auc_needs_every_run_to_have_probabilities(tmp_path):
+    classes = ["benign", "malignant"]
+    a = _write_cls_run(tmp_path / "a", classes, [0.2, 0.8])
+    b = _write_run(
+        tmp_path / "b", [(f"{c}/{c} ({i}).png", c, 0.5, 0.3) for i, c in enumerate(classes)]
+    )
+    report = compare.compare([a], [b], n_boot=20)
+    assert "no malignancy_probability column" in report["auc"]["not_compared"]
+    assert "auc: not compared" in compare.format_report(report)
+    c = _write_cls_run(tmp_path / "c", classes, [0.3, None])
+    with pytest.raises(compare.CompareError, match="line 3: malignancy_probability '' is not"):
+        compare.compare([a], [c])
