@@ -21,6 +21,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -119,6 +120,52 @@ class Checkpoints:
             raise CheckpointError(f"{self.best.directory}: no best checkpoint (has training run?)")
         out = _restore(self.best, step, "weights", weights_like)
         return out["weights"], dict(out["meta"])
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def restore_last_weights(self, weights_like: Any, use_ema: bool) -> tuple[Any, dict]:
+        """The latest full state's evaluation weights, in the structure of ``weights_like``.
+
+        The weights the run ended with (the last epoch's, not the one
+        validation picked): ``ema_params`` if ``use_ema`` else ``params``, with
+        the BatchNorm statistics, as :meth:`restore_best` would give them.
+        """
+        step = self.latest.latest_step()
+        if step is None:
+            raise CheckpointError(f"{self.latest.directory}: no checkpoint (has training run?)")
+        try:
+            # No target: the optimizer state is not needed and its structure
+            # depends on the optimizer config; the weights are plain dicts.
+            out = self.latest.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+            state = out["state"]
+            weights = {
+                "params": state["ema_params" if use_ema else "params"],
+                "batch_stats": state.get("batch_stats") or {},
+            }
+        except Exception as e:  # Orbax raises many types for unreadable checkpoints.
+            raise CheckpointError(
+                f"{self.latest.directory}/{step}: unreadable ({type(e).__name__}:"
+                f" {str(e).splitlines()[0][:300] if str(e) else ''})"
+            ) from None
+        like_leaves, like_tree = jax.tree.flatten(weights_like)
+        leaves, tree = jax.tree.flatten(weights)
+        if tree != like_tree or any(
+            np.shape(a) != np.shape(b) for a, b in zip(leaves, like_leaves)
+        ):
+            raise CheckpointError(
+                f"{self.latest.directory}/{step}: checkpoint does not fit this config's model."
+                " Was it written by another model or config?"
+            )
+        weights = jax.tree.unflatten(
+            like_tree, [np.asarray(a, dtype=b.dtype) for a, b in zip(leaves, like_leaves)]
+        )
+        return weights, dict(out["meta"])
 
     def close(self) -> None:
         self.latest.close()

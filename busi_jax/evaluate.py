@@ -2,7 +2,7 @@
 
     python -m busi_jax.evaluate --workdir=DIR [--data_dir=FOLDER] [--output=FILE.json]
         [--split=test] [--tta] [--classifier_tta] [--postprocess=auto|none] [--n_boot=1000]
-        [--segmenter_workdir=SEG_DIR] [--ensemble=DIR2,DIR3]
+        [--segmenter_workdir=SEG_DIR] [--ensemble=DIR2,DIR3] [--checkpoint=best|last]
 
 DIR may be a segmenter, classifier, multitask or pipeline workdir. One JSON
 holds the segmentation metrics (lesion Dice/IoU, all-scan Dice/IoU with the
@@ -126,9 +126,11 @@ def _batched(fn: Callable, arrays: list[np.ndarray], batch_size: int = 32) -> np
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
-def segmenter_probs(workdir, tta: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def segmenter_probs(
+    workdir, tta: bool = False, checkpoint: str = "best"
+) -> Callable[[np.ndarray], np.ndarray]:
     """``images [N, S, S, 1] uint8 -> lesion probabilities [N, S, S]``."""
-    config, model, variables = inference.load_model(workdir)
+    config, model, variables = inference.load_model(workdir, checkpoint=checkpoint)
 
     @jax.jit
     def prob(images):
@@ -150,17 +152,19 @@ def segmenter_probs(workdir, tta: bool = False) -> Callable[[np.ndarray], np.nda
     return lambda images: _batched(prob, [images])
 
 
-def classifier_logits(workdir, tta: bool = False) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def classifier_logits(
+    workdir, tta: bool = False, checkpoint: str = "best"
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """``(images, masks) [N, S, S, 1] uint8 -> logits [N] (or [N, C])``.
 
     Args:
-      workdir: a classifier run (its best checkpoint).
+      workdir: a classifier run.
       tta: average the logits of each scan and its horizontal mirror (scan
         and mask mirrored together, before any close-up crop), as the
         segmenters' ``tta`` averages their probabilities. Logits, not
         probabilities, so that a temperature fitted afterwards scales both.
     """
-    config, model, variables = inference.load_model(workdir)
+    config, model, variables = inference.load_model(workdir, checkpoint=checkpoint)
     mode = config.classifier.input_mode
 
     @jax.jit
@@ -179,9 +183,9 @@ def classifier_logits(workdir, tta: bool = False) -> Callable[[np.ndarray, np.nd
     return lambda images, masks: _batched(logits, [images, masks])
 
 
-def multitask_outputs(workdir, tta: bool = False):
+def multitask_outputs(workdir, tta: bool = False, checkpoint: str = "best"):
     """``images -> (lesion probabilities [N, S, S], malignancy logits [N])``."""
-    config, model, variables = inference.load_model(workdir)
+    config, model, variables = inference.load_model(workdir, checkpoint=checkpoint)
 
     @jax.jit
     def both(images):
@@ -237,8 +241,9 @@ def evaluate(
     segmenter_workdir: str | os.PathLike[str] | None = None,
     ensemble: Sequence[str | os.PathLike[str]] = (),
     classifier_tta: bool = False,
+    checkpoint: str = "best",
 ) -> dict:
-    """Scores ``workdir``'s best checkpoint(s); see the module docstring.
+    """Scores ``workdir``'s best (or last) checkpoint(s); see the module docstring.
 
     Args:
       tta: average the segmenter's (or multitask net's) lesion probabilities
@@ -253,12 +258,17 @@ def evaluate(
         runs on the same data and splits; their lesion probabilities (and
         multitask logits) are averaged with the workdir's before
         post-processing (which is then chosen on validation for the average).
+      checkpoint: 'best' (what validation picked) or 'last' (what each run
+        ended with), for every run scored; 'last' adds ``_last`` to the
+        default report name.
 
     Returns:
       The report written to ``output`` (default ``workdir/eval/<split>.json``).
     """
     if postprocess not in ("auto", "none"):
         raise ValueError(f"--postprocess must be 'auto' or 'none', got {postprocess!r}")
+    if checkpoint not in inference.CHECKPOINTS:
+        raise ValueError(f"--checkpoint must be one of {inference.CHECKPOINTS}, got {checkpoint!r}")
     workdir = pathlib.Path(workdir).expanduser()
     parts = resolve(workdir, fold_runs_ok=True)
     if classifier_tta and not parts["classifier"]:
@@ -297,6 +307,8 @@ def evaluate(
         name += "_ensemble"  # Never overwrite the run's own report.
     if forced_masks:
         name += f"_on_{parts['segmenter'].name}"
+    if checkpoint == "last":
+        name += "_last"
     out_json = pathlib.Path(output) if output else workdir / "eval" / f"{name}.json"
     out_dir = out_json.parent
     stem = out_json.stem
@@ -319,7 +331,7 @@ def evaluate(
     seg_fn = cls_fn = None
     run_seg_fns: list = []  # One probability function per run, for out-of-fold tuning.
     if parts["multitask"]:
-        mts = [multitask_outputs(m, tta) for m in [parts["multitask"], *members]]
+        mts = [multitask_outputs(m, tta, checkpoint) for m in [parts["multitask"], *members]]
 
         def mt(im):
             # Members average probabilities and logits alike.
@@ -331,13 +343,13 @@ def evaluate(
         mt_logits = lambda im, _m: mt(im)[1]  # noqa: E731
         cls_fn = mt_logits
     if parts["segmenter"]:
-        seg_fn = segmenter_probs(parts["segmenter"], tta)
+        seg_fn = segmenter_probs(parts["segmenter"], tta, checkpoint)
         run_seg_fns = [seg_fn]
         if members:
-            run_seg_fns += [segmenter_probs(m, tta) for m in members]
+            run_seg_fns += [segmenter_probs(m, tta, checkpoint) for m in members]
             seg_fn = lambda im: np.mean([f(im) for f in run_seg_fns], axis=0)  # noqa: E731
     if parts["classifier"]:
-        cls_fn = classifier_logits(parts["classifier"], classifier_tta)
+        cls_fn = classifier_logits(parts["classifier"], classifier_tta, checkpoint)
 
     report: dict = {"citation": CITATION if not data_dir else None}
     protocol = {
@@ -358,17 +370,24 @@ def evaluate(
             " train + validation (post-processing)"
         ),
         "bootstrap": f"{n_boot} percentile resamples of scans, seed 0",
+        "checkpoint": (
+            "best on validation"
+            if checkpoint == "best"
+            else "last (the weights each run ended with)"
+        ),
     }
+
+    def step_of(path):
+        ck = ckpt_lib.Checkpoints(path)
+        try:
+            return ck.best_step() if checkpoint == "best" else ck.latest_step()
+        finally:
+            ck.close()
+
     for role, path in parts.items():
         if path is not None:
-            ck = ckpt_lib.Checkpoints(path)
-            protocol[f"{role}_checkpoint_step"] = ck.best_step()
-            ck.close()
-    protocol["ensemble_checkpoint_steps"] = []
-    for m in members:
-        ck = ckpt_lib.Checkpoints(m)
-        protocol["ensemble_checkpoint_steps"].append(ck.best_step())
-        ck.close()
+            protocol[f"{role}_checkpoint_step"] = step_of(path)
+    protocol["ensemble_checkpoint_steps"] = [step_of(m) for m in members]
     per_scan = {
         "file": target["file_name"],
         "class": [busi_io.CLASS_NAMES[i] for i in target["label"]],
@@ -694,6 +713,12 @@ def main(argv=None) -> None:
         "postprocess", "auto", ["auto", "none"], "Mask post-processing chosen on validation."
     )
     flags.DEFINE_integer("n_boot", 1000, "Bootstrap resamples for the 95% intervals.")
+    flags.DEFINE_enum(
+        "checkpoint",
+        "best",
+        ["best", "last"],
+        "Score each run's validation-picked weights (best) or those it ended with (last).",
+    )
     flags.DEFINE_string(
         "segmenter_workdir",
         None,
@@ -720,6 +745,7 @@ def main(argv=None) -> None:
             segmenter_workdir=FLAGS.segmenter_workdir,
             ensemble=FLAGS.ensemble,
             classifier_tta=FLAGS.classifier_tta,
+            checkpoint=FLAGS.checkpoint,
         )
         _print_summary(report)
 

@@ -29,6 +29,9 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 
 KERNELS = ("xla", "native_amx", "native_bf16")
+# "best": the checkpoint validation picked; "last": the weights the run ended with
+# (nnU-Net's default), for when a small validation split picks by noise.
+CHECKPOINTS = ("best", "last")
 
 
 def validation_mask_source(config: ml_collections.ConfigDict) -> str:
@@ -41,8 +44,8 @@ def validation_mask_source(config: ml_collections.ConfigDict) -> str:
     return config.classifier.mask_source if source == "same" else source
 
 
-def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
-    """Restores the best checkpoint of a training workdir.
+def load_model(workdir: str | pathlib.Path, kernels: str = "xla", checkpoint: str = "best"):
+    """Restores the best (or the last) checkpoint of a training workdir.
 
     Args:
         workdir: a training workdir.
@@ -58,15 +61,20 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
             size (:func:`busi_jax.models.packing.pack_inference`: the same
             outputs, with the weight-only work done once here).
 
+        checkpoint: 'best' (the validation-picked weights) or 'last' (the
+            latest saved state's weights, EMA where the run kept one).
+
     Returns:
         ``(config, model, variables)``.
 
     Raises:
-        ValueError: unknown ``kernels``.
+        ValueError: unknown ``kernels`` or ``checkpoint``.
         busi_jax.native.NativeBuildError: 'native_bf16' / 'native_amx' where it cannot run.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels={kernels!r} is not valid; choose one of {KERNELS}")
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint={checkpoint!r} is not valid; choose one of {CHECKPOINTS}")
     config = load_config(workdir)
     model_config = config.model.to_dict()
     if kernels != "xla":
@@ -90,7 +98,11 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla"):
     like = {"params": like["params"], "batch_stats": like.get("batch_stats", {})}
     ckpts = ckpt_lib.Checkpoints(workdir)
     try:
-        variables, _ = ckpts.restore_best(like)
+        if checkpoint == "best":
+            variables, _ = ckpts.restore_best(like)
+        else:
+            use_ema = float(config.get("ema_decay", 0.0)) > 0  # As training evaluated it.
+            variables, _ = ckpts.restore_last_weights(like, use_ema)
     finally:
         ckpts.close()
     if kernels != "xla":
