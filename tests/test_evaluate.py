@@ -359,3 +359,37 @@ def test_evaluate_with_classifier_tta_records_it(tiny_pipeline, tmp_path):
     # Without a classifier the option is one clear error, not silently ignored.
     with pytest.raises(ValueError, match="--classifier_tta: .* holds no classifier"):
         evaluate.evaluate(pathlib.Path(workdir) / "segmenter", classifier_tta=True, **kw)
+
+
+def test_last_checkpoint_is_the_weights_the_run_ended_with(tiny_data_dir, tmp_path):
+    import jax
+    import orbax.checkpoint as ocp
+    from conftest import tiny_demo_config
+
+    from busi_jax import train
+
+    config = tiny_demo_config(tiny_data_dir, epochs=2)
+    config.ema_decay = 0.9
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir)
+    _, _, last = inference.load_model(workdir, checkpoint="last")
+    mgr = ocp.CheckpointManager((workdir / "checkpoints" / "latest").resolve())
+    step = mgr.latest_step()
+    raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mgr.close()
+    got = jax.tree.leaves(last["params"])
+    for a, b in zip(got, jax.tree.leaves(raw["ema_params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # EMA weights, as training evaluated them, not the raw parameters.
+    assert any(not np.array_equal(a, b) for a, b in zip(got, jax.tree.leaves(raw["params"])))
+    for a, b in zip(jax.tree.leaves(last["batch_stats"]), jax.tree.leaves(raw["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    report = evaluate.evaluate(workdir, n_boot=0, plots_enabled=False, checkpoint="last")
+    assert report["protocol"]["segmenter_checkpoint_step"] == step
+    assert report["protocol"]["checkpoint"].startswith("last")
+    assert (workdir / "eval" / "test_last.json").exists()
+    assert (workdir / "eval" / "test_last_per_scan.csv").exists()
+    with pytest.raises(ValueError, match="checkpoint='final' is not valid"):
+        inference.load_model(workdir, checkpoint="final")
+    with pytest.raises(ValueError, match="--checkpoint must be one of"):
+        evaluate.evaluate(workdir, checkpoint="final")
