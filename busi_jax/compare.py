@@ -366,6 +366,26 @@ def compare(
     return evalmetrics.to_jsonable(report)
 
 
+def _interval(x: Mapping) -> str:
+    return f"{x['mean']:+.4f} [{x['ci95'][0]:+.4f}, {x['ci95'][1]:+.4f}]"
+
+
+def _pair_lines(m: Mapping) -> list[str]:
+    """One line per run pair; with the scan counts where the metric has them."""
+    lines = []
+    for i, pair in enumerate(m["difference"]["per_pair"]):
+        line = (
+            f"  pair {i}: A {m['a_mean'][i]:.4f}  B {m['b_mean'][i]:.4f}  B - A {_interval(pair)}"
+        )
+        if "b_higher" in m:
+            line += (
+                f"  B higher on {m['b_higher'][i]}, lower on {m['b_lower'][i]},"
+                f" level on {m['level'][i]}"
+            )
+        lines.append(line)
+    return lines
+
+
 def format_report(report: Mapping) -> str:
     """A plain-text table of :func:`compare`'s report."""
     lines = [
@@ -373,33 +393,19 @@ def format_report(report: Mapping) -> str:
         f" ({report['lesion_rule']}); {report['bootstrap']}, {report['n_boot']} resamples",
     ]
     for metric in METRICS:
-        if metric not in report:
-            continue
-        m = report[metric]
-        d = m["difference"]
-        lines.append(
-            f"{metric}: B - A = {d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
-            f" over {len(m['a_mean'])} pair(s)"
-        )
-        for i, pair in enumerate(d["per_pair"]):
+        if metric in report:
+            m = report[metric]
             lines.append(
-                f"  pair {i}: A {m['a_mean'][i]:.4f}  B {m['b_mean'][i]:.4f}"
-                f"  B - A {pair['mean']:+.4f} [{pair['ci95'][0]:+.4f}, {pair['ci95'][1]:+.4f}]"
-                f"  B higher on {m['b_higher'][i]}, lower on {m['b_lower'][i]},"
-                f" level on {m['level'][i]}"
+                f"{metric}: B - A = {_interval(m['difference'])} over {len(m['a_mean'])} pair(s)"
             )
+            lines += _pair_lines(m)
     auc = report.get("auc", {})
     if "difference" in auc:
-        d = auc["difference"]
         lines.append(
-            f"auc (benign vs malignant, {auc['n_scans']} scans): B - A = {d['mean']:+.4f}"
-            f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]; {auc['bootstrap']}"
+            f"auc (benign vs malignant, {auc['n_scans']} scans): B - A ="
+            f" {_interval(auc['difference'])}; {auc['bootstrap']}"
         )
-        for i, pair in enumerate(d["per_pair"]):
-            lines.append(
-                f"  pair {i}: A {auc['a_mean'][i]:.4f}  B {auc['b_mean'][i]:.4f}"
-                f"  B - A {pair['mean']:+.4f} [{pair['ci95'][0]:+.4f}, {pair['ci95'][1]:+.4f}]"
-            )
+        lines += _pair_lines(auc)
     elif auc:
         lines.append(f"auc: not compared ({auc['not_compared']})")
     return "\n".join(lines)
