@@ -60,7 +60,6 @@ def load_model(workdir: str | pathlib.Path, kernels: str = "xla", checkpoint: st
             kernels the variables come packed for them at the run's image
             size (:func:`busi_jax.models.packing.pack_inference`: the same
             outputs, with the weight-only work done once here).
-
         checkpoint: 'best' (the validation-picked weights) or 'last' (the
             latest saved state's weights, EMA where the run kept one).
 

@@ -757,7 +757,15 @@ def config_identity(cfg: dict, field: str):
     """
     value = cfg.get(field)
     if field == "model" and isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k not in SPEED_ONLY_MODEL_OPTIONS}
+        # An option stated at the model's own default builds the same model as
+        # one left out (configs that gained fields still match older runs).
+        defaults = _model_defaults(value.get("name"))
+        value = {
+            k: v
+            for k, v in value.items()
+            if k not in SPEED_ONLY_MODEL_OPTIONS
+            and not (k in defaults and _same_option(v, defaults[k]))
+        }
     if field == "data" and isinstance(value, dict):
         value = {k: v for k, v in value.items() if k not in LOCATION_ONLY_DATA_OPTIONS}
         if value.get("cv_fold") is None:
@@ -767,6 +775,24 @@ def config_identity(cfg: dict, field: str):
         # Runs saved before the option existed used their training masks.
         value = {k: v for k, v in value.items() if k != "val_mask_source"}
     return value
+
+
+def _model_defaults(name: Any) -> dict:
+    cls = models_lib.MODELS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        return {}
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(cls)
+        if f.init and f.default is not dataclasses.MISSING
+    }
+
+
+def _same_option(saved: Any, default: Any) -> bool:
+    # JSON keeps tuples as lists.
+    if isinstance(saved, list) and isinstance(default, tuple):
+        return tuple(saved) == default
+    return type(saved) is type(default) and saved == default
 
 
 @functools.lru_cache(maxsize=8)

@@ -68,6 +68,29 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
         train.train_and_evaluate(tiny_config, tmp_path)
 
 
+def test_options_stated_at_the_models_defaults_match_runs_that_left_them_out():
+    """configs/sunet.py gained se/attention/... fields: older SUNet workdirs still match it."""
+    from configs import sunet
+
+    new = json.loads(sunet.get_config().to_json_best_effort())
+
+    def variant(**changes):
+        cfg = json.loads(json.dumps(new))
+        for key, value in changes.items():
+            if value is None:
+                del cfg["model"][key]
+            else:
+                cfg["model"][key] = value
+        return train.config_identity(cfg, "model")
+
+    older = variant(se=None, se_reduction=None, attention=None, dilated_bottleneck=None)
+    assert older == train.config_identity(new, "model")
+    assert variant(dilations=[1, 2, 4]) == older  # JSON's list for the tuple default.
+    assert variant(attention=True) != older
+    assert variant(se="none") != older  # Not SUNet's default: another model.
+    assert variant(features=32) == variant(features=None)  # 32 is the class default.
+
+
 def test_cross_validation_run_validates_on_its_fold_and_keeps_it(tiny_config, tmp_path):
     tiny_config.data.cv_fold = 1
     tiny_config.num_epochs = 1
