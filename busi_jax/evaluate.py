@@ -331,7 +331,9 @@ def evaluate(
     seg_fn = cls_fn = None
     run_seg_fns: list = []  # One probability function per run, for out-of-fold tuning.
     if parts["multitask"]:
-        mts = [multitask_outputs(m, tta, checkpoint) for m in [parts["multitask"], *members]]
+        mts = [
+            multitask_outputs(m, tta, checkpoint=checkpoint) for m in [parts["multitask"], *members]
+        ]
 
         def mt(im):
             # Members average probabilities and logits alike.
@@ -343,13 +345,13 @@ def evaluate(
         mt_logits = lambda im, _m: mt(im)[1]  # noqa: E731
         cls_fn = mt_logits
     if parts["segmenter"]:
-        seg_fn = segmenter_probs(parts["segmenter"], tta, checkpoint)
+        seg_fn = segmenter_probs(parts["segmenter"], tta, checkpoint=checkpoint)
         run_seg_fns = [seg_fn]
         if members:
-            run_seg_fns += [segmenter_probs(m, tta, checkpoint) for m in members]
+            run_seg_fns += [segmenter_probs(m, tta, checkpoint=checkpoint) for m in members]
             seg_fn = lambda im: np.mean([f(im) for f in run_seg_fns], axis=0)  # noqa: E731
     if parts["classifier"]:
-        cls_fn = classifier_logits(parts["classifier"], classifier_tta, checkpoint)
+        cls_fn = classifier_logits(parts["classifier"], classifier_tta, checkpoint=checkpoint)
 
     report: dict = {"citation": CITATION if not data_dir else None}
     protocol = {

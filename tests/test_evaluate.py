@@ -142,10 +142,10 @@ def test_ensemble_averages_its_members(tiny_pipeline, tmp_path, monkeypatch):
     shutil.copytree(seg, member)
     real = evaluate.segmenter_probs
 
-    def fake(path, tta=False):
+    def fake(path, tta=False, checkpoint="best"):
         if pathlib.Path(path) == member:
             return lambda images: np.ones(images.shape[:3], np.float32)
-        return real(path, tta)
+        return real(path, tta, checkpoint=checkpoint)
 
     monkeypatch.setattr(evaluate, "segmenter_probs", fake)
     report = evaluate.evaluate(
@@ -180,7 +180,9 @@ def test_cross_validation_ensemble_tunes_on_out_of_fold_predictions(
     monkeypatch.setattr(
         evaluate,
         "segmenter_probs",
-        lambda path, tta=False: lambda im: np.full(im.shape[:3], const[pathlib.Path(path)]),
+        lambda path, tta=False, checkpoint="best": (
+            lambda im: np.full(im.shape[:3], const[pathlib.Path(path)])
+        ),
     )
     report = evaluate.evaluate(
         runs[1], ensemble=[runs[3]], postprocess="none", n_boot=0, plots_enabled=False
@@ -305,8 +307,8 @@ def test_multitask_ensemble_averages_logits_and_probabilities(
     shutil.copytree(tiny_multitask, member)
     real = evaluate.multitask_outputs
 
-    def fake(path, tta=False):
-        run = real(path, tta)
+    def fake(path, tta=False, checkpoint="best"):
+        run = real(path, tta, checkpoint=checkpoint)
         if pathlib.Path(path) != member:
             return run
 
