@@ -37,9 +37,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats
 
-from busi_jax import evalmetrics
+from busi_jax import evalmetrics, metrics
 from busi_jax import io as busi_io
 
 METRICS = ("lesion_dice", "lesion_iou", "dice_all")
@@ -225,23 +224,16 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
     return {**pooled, "per_pair": per_pair}
 
 
-def _auc_last_axis(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
-    """AUC (Mann-Whitney, ties counted half) along the last axis.
-
-    Args:
-      scores: ``[..., N]``.
-      positive: ``[..., N]`` bool, broadcastable to ``scores``, with the same
-        number of positives in every row (a stratified resample keeps it).
-
-    Returns:
-      ``[...]`` AUCs.
-    """
+def _aucs(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """:func:`busi_jax.metrics.roc_auc` of each row: ``[..., N]`` scores and labels -> ``[...]``."""
     positive = np.broadcast_to(positive, scores.shape)
-    ranks = stats.rankdata(scores, axis=-1)
-    n_pos = positive.sum(axis=-1)
-    n_neg = positive.shape[-1] - n_pos
-    u = np.where(positive, ranks, 0.0).sum(axis=-1) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
+    flat = [
+        metrics.roc_auc(s, y)
+        for s, y in zip(
+            scores.reshape(-1, scores.shape[-1]), positive.reshape(-1, scores.shape[-1])
+        )
+    ]
+    return np.array(flat, np.float64).reshape(scores.shape[:-1])
 
 
 def paired_auc_difference(
@@ -264,8 +256,8 @@ def paired_auc_difference(
     malignant = np.asarray(malignant, bool)
     idx = evalmetrics.bootstrap_indices(len(malignant), n_boot, seed, strata=malignant)
     labels = malignant[idx]  # [n_boot, N]
-    diff_point = _auc_last_axis(b, malignant) - _auc_last_axis(a, malignant)  # [P]
-    diff_boot = _auc_last_axis(b[:, idx], labels) - _auc_last_axis(a[:, idx], labels)
+    diff_point = _aucs(b, malignant) - _aucs(a, malignant)  # [P]
+    diff_boot = _aucs(b[:, idx], labels) - _aucs(a[:, idx], labels)
 
     def summary(point, boot):
         lo, hi = np.percentile(boot, [2.5, 97.5])
@@ -296,8 +288,8 @@ def _auc_report(a: Sequence[PerScan], b: Sequence[PerScan], n_boot: int, seed: i
         "n_scans": int(rows.sum()),
         "n_malignant": int(malignant.sum()),
         "bootstrap": f"{evalmetrics.CLS_BOOTSTRAP}, the same resamples for every run (paired)",
-        "a_mean": _auc_last_axis(pa, malignant).tolist(),
-        "b_mean": _auc_last_axis(pb, malignant).tolist(),
+        "a_mean": _aucs(pa, malignant).tolist(),
+        "b_mean": _aucs(pb, malignant).tolist(),
         "difference": paired_auc_difference(pa, pb, malignant, n_boot=n_boot, seed=seed),
     }
 
@@ -389,8 +381,10 @@ def _pair_lines(m: Mapping) -> list[str]:
 def format_report(report: Mapping) -> str:
     """A plain-text table of :func:`compare`'s report."""
     lines = [
-        f"{report['n_scans']} scans, {report['n_lesion_scans']} with a lesion"
-        f" ({report['lesion_rule']}); {report['bootstrap']}, {report['n_boot']} resamples",
+        (
+            f"{report['n_scans']} scans, {report['n_lesion_scans']} with a lesion"
+            f" ({report['lesion_rule']}); {report['bootstrap']}, {report['n_boot']} resamples"
+        )
     ]
     for metric in METRICS:
         if metric in report:
